@@ -1,0 +1,335 @@
+"""The worker's side of a job: win a lease, then write only while the lease's epoch is current.
+
+Every function here is one conditional statement (plus its event row in the same transaction).
+A fenced write returns a falsy value when the lease is gone — the job was reaped, cancelled
+and finished, or taken by someone else — and the caller must stop the job at once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Session
+
+from app.db.events import add_event
+from app.domain.states import ErrorKind, EventKind, JobStatus, LeaseOutcome
+
+#: The WHERE clause every fenced write shares: the job still runs under this epoch.
+FENCE = "j.id = :job_id AND j.epoch = :epoch AND j.status = 'running'"
+
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    job_id: uuid.UUID
+    epoch: int
+    attempt: int
+    max_attempts: int
+    spec: dict[str, Any]
+    micro_batch: int | None
+    #: recorded checkpoint paths, newest first.
+    checkpoints: list[str] = field(default_factory=list)
+
+
+def acquire_lease(
+    *, session: Session, job_id: uuid.UUID, worker: str, device_uuid: str | None, ttl: float
+) -> LeaseGrant | None:
+    """Win the job if it is queued and due. None means someone else has it (or it ended)."""
+    row = session.execute(
+        text(
+            """
+            UPDATE jobs SET status = 'running', epoch = epoch + 1, attempts = attempts + 1,
+                   started_at = coalesce(started_at, now()), retry_at = NULL,
+                   dispatched_at = NULL
+             WHERE id = :job_id AND status = 'queued' AND NOT cancel_requested
+               AND (retry_at IS NULL OR retry_at <= now())
+            RETURNING epoch, attempts, max_attempts, spec, micro_batch
+            """
+        ),
+        {"job_id": job_id},
+    ).one_or_none()
+    if row is None:
+        return None
+    session.execute(
+        text(
+            """
+            INSERT INTO leases (job_id, epoch, worker, device_uuid, acquired_at, heartbeat_at,
+                                expires_at)
+            VALUES (:job_id, :epoch, :worker, :device, now(), now(),
+                    now() + make_interval(secs => :ttl))
+            """
+        ),
+        {"job_id": job_id, "epoch": row.epoch, "worker": worker, "device": device_uuid, "ttl": ttl},
+    )
+    add_event(
+        session=session,
+        job_id=job_id,
+        kind=EventKind.LEASED,
+        epoch=row.epoch,
+        message=f"attempt {row.attempts} on {worker}",
+        data={"worker": worker, "device": device_uuid, "attempt": row.attempts},
+    )
+    return LeaseGrant(
+        job_id=job_id,
+        epoch=row.epoch,
+        attempt=row.attempts,
+        max_attempts=row.max_attempts,
+        spec=row.spec,
+        micro_batch=row.micro_batch,
+        checkpoints=checkpoint_paths(session=session, job_id=job_id),
+    )
+
+
+def checkpoint_paths(*, session: Session, job_id: uuid.UUID) -> list[str]:
+    """Recorded checkpoints of a job, newest first (the order a resume tries them in)."""
+    paths = session.scalars(
+        text("SELECT path FROM checkpoints WHERE job_id = :job_id ORDER BY step DESC, id DESC"),
+        {"job_id": job_id},
+    ).all()
+    return list(paths)
+
+
+def heartbeat(*, session: Session, job_id: uuid.UUID, epoch: int, ttl: float) -> bool | None:
+    """Extend the lease. Returns whether a cancel was requested, or None if the lease is gone."""
+    cancel: bool | None = session.scalar(
+        text(
+            f"""
+            UPDATE leases l
+               SET heartbeat_at = now(), expires_at = now() + make_interval(secs => :ttl)
+              FROM jobs j
+             WHERE l.job_id = :job_id AND l.epoch = :epoch AND l.released_at IS NULL
+               AND {FENCE}
+            RETURNING j.cancel_requested
+            """
+        ),
+        {"job_id": job_id, "epoch": epoch, "ttl": ttl},
+    )
+    return cancel
+
+
+def record_progress(
+    *, session: Session, job_id: uuid.UUID, epoch: int, progress: dict[str, Any]
+) -> bool:
+    stmt = text(f"UPDATE jobs j SET progress = :progress WHERE {FENCE} RETURNING j.id").bindparams(
+        bindparam("progress", type_=JSONB)
+    )
+    params = {"job_id": job_id, "epoch": epoch, "progress": progress}
+    return session.scalar(stmt, params) is not None
+
+
+def record_checkpoint(
+    *, session: Session, job_id: uuid.UUID, epoch: int, step: int, path: str, keep: int
+) -> list[str] | None:
+    """Record a checkpoint the trainer wrote. Returns the paths now beyond the last ``keep``
+    (for the caller to delete), or None if the lease is gone (the file must not be used)."""
+    inserted = session.scalar(
+        text(
+            f"""
+            INSERT INTO checkpoints (job_id, epoch, step, path, saved_at)
+            SELECT :job_id, :epoch, :step, :path, now() FROM jobs j WHERE {FENCE}
+            RETURNING id
+            """
+        ),
+        {"job_id": job_id, "epoch": epoch, "step": step, "path": path},
+    )
+    if inserted is None:
+        return None
+    add_event(
+        session=session,
+        job_id=job_id,
+        kind=EventKind.CHECKPOINT,
+        epoch=epoch,
+        message=f"step {step}",
+        data={"step": step, "path": path},
+    )
+    stale = session.scalars(
+        text(
+            """
+            DELETE FROM checkpoints WHERE job_id = :job_id AND id NOT IN (
+                SELECT id FROM checkpoints WHERE job_id = :job_id
+                 ORDER BY step DESC, id DESC LIMIT :keep)
+            RETURNING path
+            """
+        ),
+        {"job_id": job_id, "keep": keep},
+    ).all()
+    # A step saved again after an OOM restart in the same lease has the same path twice.
+    kept = set(checkpoint_paths(session=session, job_id=job_id))
+    return [path for path in dict.fromkeys(stale) if path not in kept]
+
+
+def record_micro_batch(
+    *, session: Session, job_id: uuid.UUID, epoch: int, old: int, new: int, batch_size: int
+) -> bool:
+    """Store the halved micro-batch after an out-of-memory error (OOM backoff)."""
+    done = session.scalar(
+        text(f"UPDATE jobs j SET micro_batch = :new WHERE {FENCE} RETURNING j.id"),
+        {"job_id": job_id, "epoch": epoch, "new": new},
+    )
+    if done is None:
+        return False
+    accumulation = -(-batch_size // new)
+    add_event(
+        session=session,
+        job_id=job_id,
+        kind=EventKind.OOM_BACKOFF,
+        epoch=epoch,
+        message=f"out of memory at micro-batch {old}: retrying with {new} x {accumulation}",
+        data={"from": old, "micro_batch": new, "accumulation": accumulation},
+    )
+    return True
+
+
+def record_gpu_peak(*, session: Session, job_id: uuid.UUID, epoch: int, peak_bytes: int) -> bool:
+    done = session.scalar(
+        text(
+            f"""
+            UPDATE jobs j SET gpu_peak_memory_bytes = greatest(j.gpu_peak_memory_bytes, :peak)
+             WHERE {FENCE} RETURNING j.id
+            """
+        ),
+        {"job_id": job_id, "epoch": epoch, "peak": peak_bytes},
+    )
+    return done is not None
+
+
+def add_fenced_event(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    epoch: int,
+    kind: EventKind,
+    message: str,
+    data: dict[str, Any] | None = None,
+) -> bool:
+    """An event from the lease holder, written only while it still holds the lease."""
+    live = session.scalar(
+        text(f"SELECT j.id FROM jobs j WHERE {FENCE} FOR SHARE"),
+        {"job_id": job_id, "epoch": epoch},
+    )
+    if live is None:
+        return False
+    add_event(session=session, job_id=job_id, kind=kind, epoch=epoch, message=message, data=data)
+    return True
+
+
+_OUTCOME_EVENT = {
+    LeaseOutcome.SUCCEEDED: EventKind.SUCCEEDED,
+    LeaseOutcome.FAILED: EventKind.FAILED,
+    LeaseOutcome.CANCELLED: EventKind.CANCELLED,
+}
+_OUTCOME_STATUS = {
+    LeaseOutcome.SUCCEEDED: JobStatus.SUCCEEDED,
+    LeaseOutcome.FAILED: JobStatus.FAILED,
+    LeaseOutcome.CANCELLED: JobStatus.CANCELLED,
+}
+
+
+def finish(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    epoch: int,
+    outcome: LeaseOutcome,
+    result: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> bool:
+    """End the job for good (succeeded, failed or cancelled) and close its lease."""
+    status = _OUTCOME_STATUS[outcome]
+    stmt = text(
+        f"""
+        WITH j AS (
+            UPDATE jobs j SET status = CAST(:status AS job_status), finished_at = now(),
+                   result = :result, error = :error, retry_at = NULL
+             WHERE {FENCE}
+            RETURNING j.id)
+        UPDATE leases SET released_at = now(), outcome = CAST(:outcome AS lease_outcome)
+         WHERE job_id IN (SELECT id FROM j) AND epoch = :epoch AND released_at IS NULL
+        RETURNING id
+        """
+    ).bindparams(bindparam("result", type_=JSONB), bindparam("error", type_=JSONB))
+    closed = session.scalar(
+        stmt,
+        {
+            "job_id": job_id,
+            "epoch": epoch,
+            "status": status.value,
+            "outcome": outcome.value,
+            "result": result,
+            "error": error,
+        },
+    )
+    if closed is None:
+        return False
+    message = "" if error is None else f"{error.get('kind')}: {error.get('message')}"
+    add_event(
+        session=session,
+        job_id=job_id,
+        kind=_OUTCOME_EVENT[outcome],
+        epoch=epoch,
+        message=message,
+        data=result if error is None else error,
+    )
+    return True
+
+
+def requeue_for_retry(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    epoch: int,
+    kind: ErrorKind,
+    message: str,
+    backoff_s: float,
+) -> JobStatus | None:
+    """Give the job back after a retryable failure: queued with ``retry_at``, or failed when its
+    attempts are spent. None if the lease was already gone."""
+    error = {"kind": kind.value, "message": message}
+    stmt = text(
+        f"""
+        WITH j AS (
+            UPDATE jobs j SET
+                   status = CASE WHEN j.attempts >= j.max_attempts
+                                 THEN 'failed'::job_status ELSE 'queued'::job_status END,
+                   finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+                   retry_at = CASE WHEN j.attempts >= j.max_attempts THEN NULL
+                                   ELSE now() + make_interval(secs => :backoff) END,
+                   dispatched_at = NULL, error = :error
+             WHERE {FENCE}
+            RETURNING j.id, j.status),
+        l AS (
+            UPDATE leases SET released_at = now(),
+                   outcome = CASE WHEN (SELECT status FROM j) = 'failed'
+                                  THEN 'failed'::lease_outcome ELSE 'requeued'::lease_outcome END
+             WHERE job_id IN (SELECT id FROM j) AND epoch = :epoch AND released_at IS NULL)
+        SELECT status FROM j
+        """
+    ).bindparams(bindparam("error", type_=JSONB))
+    status = session.scalar(
+        stmt, {"job_id": job_id, "epoch": epoch, "backoff": backoff_s, "error": error}
+    )
+    if status is None:
+        return None
+    new_status = JobStatus(status)
+    if new_status == JobStatus.FAILED:
+        add_event(
+            session=session,
+            job_id=job_id,
+            kind=EventKind.FAILED,
+            epoch=epoch,
+            message=f"{kind.value}: {message} (attempts spent)",
+            data=error,
+        )
+    else:
+        add_event(
+            session=session,
+            job_id=job_id,
+            kind=EventKind.RETRY,
+            epoch=epoch,
+            message=f"{kind.value}: {message}; retry in {backoff_s:.1f}s",
+            data={**error, "backoff_s": round(backoff_s, 3)},
+        )
+    return new_status

@@ -1,0 +1,27 @@
+"""The trainer's output, stored in chunks per attempt so any API replica can serve it."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from app.db.models import JobLog
+
+
+def append_log(*, session: Session, job_id: uuid.UUID, epoch: int, chunk: str) -> None:
+    session.execute(insert(JobLog).values(job_id=job_id, epoch=epoch, chunk=chunk))
+
+
+def read_logs(
+    *, session: Session, job_id: uuid.UUID, after_id: int = 0, limit: int = 1000
+) -> list[dict[str, Any]]:
+    rows = session.scalars(
+        select(JobLog)
+        .where(JobLog.job_id == job_id, JobLog.id > after_id)
+        .order_by(JobLog.id)
+        .limit(limit)
+    )
+    return [{"id": r.id, "epoch": r.epoch, "at": r.at.isoformat(), "text": r.chunk} for r in rows]

@@ -1,0 +1,186 @@
+"""SQLAlchemy models: jobs, their leases, checkpoints, events and logs, and devices.
+
+Only ``app.db`` changes these rows. The schema itself enforces what must never happen: a
+partial unique index allows at most one live lease per job.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from app.domain.states import JobStatus, LeaseOutcome
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _enum(cls: type[Any], name: str) -> Enum:
+    return Enum(cls, name=name, values_callable=lambda e: [m.value for m in e])
+
+
+TZ = DateTime(timezone=True)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[UUID] = mapped_column(primary_key=True, default=uuid4)
+    tenant: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    queue: Mapped[str] = mapped_column(String(100))
+    priority: Mapped[int] = mapped_column(SmallInteger)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(TZ)
+    finished_at: Mapped[datetime | None] = mapped_column(TZ)
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    retry_at: Mapped[datetime | None] = mapped_column(TZ)
+    #: when the wake-up was last sent; the reaper sends it again when it is old.
+    dispatched_at: Mapped[datetime | None] = mapped_column(TZ)
+    #: fencing counter: bumped by every lease and every reap, never decreases.
+    epoch: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    #: the micro-batch that last worked (after OOM backoff); later attempts start there.
+    micro_batch: Mapped[int | None] = mapped_column(Integer)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    gpu_peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    gpu_util_sum: Mapped[float] = mapped_column(Float, server_default=text("0"))
+    gpu_util_samples: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key"),
+        Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
+        Index("ix_jobs_status_dispatched", "status", "dispatched_at"),
+    )
+
+
+class Lease(Base):
+    """One row per attempt: who ran the job under which epoch, and how it ended."""
+
+    __tablename__ = "leases"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    worker: Mapped[str] = mapped_column(String(200))
+    device_uuid: Mapped[str | None] = mapped_column(String(200))
+    acquired_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    heartbeat_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(TZ)
+    released_at: Mapped[datetime | None] = mapped_column(TZ)
+    outcome: Mapped[LeaseOutcome | None] = mapped_column(_enum(LeaseOutcome, "lease_outcome"))
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "epoch"),
+        # At most one live lease per job, whatever the code above tries.
+        Index(
+            "uq_leases_one_live_per_job",
+            "job_id",
+            unique=True,
+            postgresql_where=text("released_at IS NULL"),
+        ),
+        Index("ix_leases_live_expiry", "expires_at", postgresql_where=text("released_at IS NULL")),
+    )
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    step: Mapped[int] = mapped_column(BigInteger)
+    path: Mapped[str] = mapped_column(Text)
+    saved_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+
+    __table_args__ = (Index("ix_checkpoints_job_step", "job_id", "step"),)
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    kind: Mapped[str] = mapped_column(String(50))
+    epoch: Mapped[int | None] = mapped_column(BigInteger)
+    message: Mapped[str] = mapped_column(Text, server_default=text("''"))
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+
+    __table_args__ = (Index("ix_job_events_job_id", "job_id", "id"),)
+
+
+class JobLog(Base):
+    """The trainer's output, in chunks, per attempt (epoch)."""
+
+    __tablename__ = "job_logs"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    chunk: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_job_logs_job_id", "job_id", "id"),)
+
+
+class Device(Base):
+    """A GPU of some host. Workers claim devices like jobs: a lease with heartbeat and expiry."""
+
+    __tablename__ = "devices"
+
+    uuid: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(200))
+    index: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(200))
+    gpu_type: Mapped[str] = mapped_column(String(50))
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    pci_bus_id: Mapped[str] = mapped_column(String(100))
+    simulated: Mapped[bool] = mapped_column(Boolean)
+    registered_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    worker: Mapped[str | None] = mapped_column(String(200))
+    claimed_at: Mapped[datetime | None] = mapped_column(TZ)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(TZ)
+    expires_at: Mapped[datetime | None] = mapped_column(TZ)
+    current_job: Mapped[UUID | None] = mapped_column()
+    last_sample: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    sampled_at: Mapped[datetime | None] = mapped_column(TZ)
+
+    __table_args__ = (Index("ix_devices_host_index", "host", "index"),)

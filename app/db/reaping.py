@@ -1,0 +1,140 @@
+"""The reaper's statements: take back expired leases, find lost dispatches, free dead devices.
+
+Each is bounded (``LIMIT``) and skips rows another reaper holds (``FOR UPDATE SKIP LOCKED``),
+so any number of reapers can run.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from app.db.events import add_event
+from app.domain.states import EventKind, JobStatus
+
+
+@dataclass(frozen=True)
+class Dispatchable:
+    job_id: uuid.UUID
+    queue: str
+    priority: int
+
+
+@dataclass(frozen=True)
+class Reaped:
+    job_id: uuid.UUID
+    epoch: int  #: the epoch of the lease that expired
+    status: JobStatus  #: queued again, or failed when its attempts were spent
+    queue: str
+    priority: int
+
+
+def reap_expired_leases(*, session: Session, grace: float, limit: int) -> list[Reaped]:
+    """Close leases expired past ``grace`` and requeue (or fail) their jobs, bumping the epoch so
+    the old holder's next write is refused."""
+    rows = session.execute(
+        text(
+            """
+            WITH expired AS (
+                SELECT id FROM leases
+                 WHERE released_at IS NULL
+                   AND expires_at < now() - make_interval(secs => :grace)
+                 ORDER BY expires_at LIMIT :limit
+                 FOR UPDATE SKIP LOCKED),
+            closed AS (
+                UPDATE leases l SET released_at = now(), outcome = 'expired'
+                  FROM expired WHERE l.id = expired.id
+                RETURNING l.job_id, l.epoch)
+            UPDATE jobs j SET
+                   epoch = j.epoch + 1,
+                   status = CASE
+                       WHEN j.cancel_requested THEN 'cancelled'::job_status
+                       WHEN j.attempts >= j.max_attempts THEN 'failed'::job_status
+                       ELSE 'queued'::job_status END,
+                   finished_at = CASE
+                       WHEN j.cancel_requested OR j.attempts >= j.max_attempts THEN now() END,
+                   error = CASE
+                       WHEN j.cancel_requested THEN
+                            '{"kind": "cancelled", "message": "cancelled; its worker was lost"}'
+                       ELSE jsonb_build_object(
+                            'kind', 'lost_worker',
+                            'message', 'the worker holding attempt ' || j.attempts ||
+                                       ' stopped heartbeating') END,
+                   dispatched_at = now(), retry_at = NULL
+              FROM closed
+             WHERE j.id = closed.job_id AND j.epoch = closed.epoch AND j.status = 'running'
+            RETURNING j.id, closed.epoch, j.status, j.queue, j.priority
+            """
+        ),
+        {"grace": grace, "limit": limit},
+    ).all()
+    reaped = [
+        Reaped(
+            job_id=r.id,
+            epoch=r.epoch,
+            status=JobStatus(r.status),
+            queue=r.queue,
+            priority=r.priority,
+        )
+        for r in rows
+    ]
+    for r in reaped:
+        add_event(
+            session=session,
+            job_id=r.job_id,
+            kind=EventKind.LEASE_EXPIRED,
+            epoch=r.epoch,
+            message=f"lease of epoch {r.epoch} expired; job {r.status.value}",
+            data={"status": r.status.value},
+        )
+    return reaped
+
+
+def claim_due_dispatches(
+    *, session: Session, redispatch_after: float, limit: int
+) -> list[Dispatchable]:
+    """Queued jobs that are due and whose wake-up is missing or old; marks them dispatched now.
+
+    This is the outbox: it covers an API that died between commit and dispatch, a retry whose
+    backoff has passed, and a broker that lost its messages.
+    """
+    rows = session.execute(
+        text(
+            """
+            UPDATE jobs SET dispatched_at = now()
+             WHERE id IN (
+                SELECT id FROM jobs
+                 WHERE status = 'queued' AND NOT cancel_requested
+                   AND (retry_at IS NULL OR retry_at <= now())
+                   AND (dispatched_at IS NULL
+                        OR dispatched_at < now() - make_interval(secs => :after))
+                 ORDER BY priority DESC, created_at
+                 LIMIT :limit
+                 FOR UPDATE SKIP LOCKED)
+            RETURNING id, queue, priority
+            """
+        ),
+        {"after": redispatch_after, "limit": limit},
+    ).all()
+    return [Dispatchable(job_id=r.id, queue=r.queue, priority=r.priority) for r in rows]
+
+
+def free_dead_devices(*, session: Session, limit: int) -> list[str]:
+    """Forget the claims of workers that stopped heartbeating."""
+    rows = session.scalars(
+        text(
+            """
+            UPDATE devices SET worker = NULL, current_job = NULL
+             WHERE uuid IN (
+                SELECT uuid FROM devices
+                 WHERE worker IS NOT NULL AND expires_at < now()
+                 LIMIT :limit FOR UPDATE SKIP LOCKED)
+            RETURNING uuid
+            """
+        ),
+        {"limit": limit},
+    ).all()
+    return list(rows)

@@ -1,0 +1,48 @@
+"""Engine and session factory, one per process and database URL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+_factories: dict[str, sessionmaker[Session]] = {}
+
+
+def _factory(url: str) -> sessionmaker[Session]:
+    factory = _factories.get(url)
+    if factory is None:
+        # pre_ping: a worker's pooled connection may have died with a database restart.
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        factory = _factories[url] = sessionmaker(engine, expire_on_commit=False)
+    return factory
+
+
+def engine_for(url: str) -> Engine:
+    engine = _factory(url).kw["bind"]
+    assert isinstance(engine, Engine)
+    return engine
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A session whose transaction commits on success and rolls back on error."""
+    with _factory(url).begin() as session:
+        yield session
+
+
+@contextmanager
+def open_session(url: str) -> Iterator[Session]:
+    """A session the caller commits itself (the API commits before it dispatches)."""
+    with _factory(url)() as session:
+        yield session
+
+
+def dispose_engines() -> None:
+    """Forget pooled connections without closing them: a forked child must open its own."""
+    for factory in _factories.values():
+        bind = factory.kw["bind"]
+        assert isinstance(bind, Engine)
+        bind.dispose(close=False)

@@ -1,0 +1,176 @@
+"""The job spec a user submits, and its validation (pure: no I/O).
+
+Unknown fields are refused everywhere (``extra="forbid"``): a typo in a key should be an error
+the user sees at submit, not a default silently used for a week of training.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.domain.routing import ANY_TYPE, job_queue, normalize_type
+
+MAX_PRIORITY = 9  #: the most urgent priority
+DEFAULT_PRIORITY = 5
+
+_ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    type: Literal["mlp"] = "mlp"
+    input_dim: int = Field(default=32, ge=1, le=65536)
+    hidden_units: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
+        default_factory=lambda: [128, 64], max_length=32
+    )
+    output_dim: int = Field(default=1, ge=1, le=65536)
+    task: Literal["regression", "classification"] = "regression"
+
+    @model_validator(mode="after")
+    def _classification_needs_classes(self) -> Self:
+        if self.task == "classification" and self.output_dim < 2:
+            raise ValueError("classification needs output_dim >= 2 (one output per class)")
+        return self
+
+
+class DataSpec(_Strict):
+    source: Literal["synthetic", "file"] = "synthetic"
+    samples: int = Field(default=20000, ge=1, le=50_000_000)
+    seed: int = 0
+    #: for ``source: file``: a ``.npz`` (arrays ``x`` and ``y``) or ``.csv`` (last column is the
+    #: target) path relative to ``GPUFLEET_DATA_ROOT``.
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> Self:
+        if self.source == "file":
+            if not self.path:
+                raise ValueError("data.source 'file' needs data.path (relative to the data root)")
+            if not self.path.endswith((".npz", ".csv")):
+                raise ValueError("data.path must be a .npz or .csv file")
+            if self.path.startswith("/") or ".." in self.path.split("/"):
+                raise ValueError("data.path must be relative to GPUFLEET_DATA_ROOT, without '..'")
+        elif self.path is not None:
+            raise ValueError("data.path is only for data.source 'file'")
+        return self
+
+
+class TrainingSpec(_Strict):
+    epochs: int = Field(default=3, ge=1, le=10_000)
+    batch_size: int = Field(default=256, ge=1, le=1_048_576)
+    learning_rate: float = Field(default=0.001, gt=0, le=10)
+    seed: int = 0
+    checkpoint_every_steps: int = Field(default=50, ge=1)
+    mixed_precision: bool = False
+    #: cap the run at this many optimizer steps (smoke tests, benchmarks); None = all epochs.
+    max_steps: int | None = Field(default=None, ge=1)
+
+
+class ResourcesSpec(_Strict):
+    gpu_type: str = ANY_TYPE
+    memory_gb: float = Field(default=8, gt=0)
+    gpu_count: int = Field(default=1, ge=1)
+    gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _known_shape(cls, value: str) -> str:
+        return normalize_type(value)
+
+    @field_validator("gpu_count")
+    @classmethod
+    def _single_gpu(cls, value: int) -> int:
+        if value > 1:
+            raise ValueError("multi-GPU jobs are not supported yet: use gpu_count 1")
+        return value
+
+
+class FaultSpec(_Strict):
+    """Injected faults for drills and tests; refused unless GPUFLEET_FAULT_INJECTION=1."""
+
+    oom_above_micro_batch: int | None = Field(default=None, ge=0)
+    fail_at_step: int | None = Field(default=None, ge=1)
+    fail_with: Literal["transient", "value_error"] | None = None
+    #: sleep this long after each step (lets tests kill a job mid-run on a fast CPU).
+    step_delay_s: float = Field(default=0.0, ge=0, le=10)
+
+    @model_validator(mode="after")
+    def _fail_pair(self) -> Self:
+        if (self.fail_at_step is None) != (self.fail_with is None):
+            raise ValueError("faults.fail_at_step and faults.fail_with go together")
+        return self
+
+
+class JobSpec(_Strict):
+    name: str = Field(default="job", min_length=1, max_length=200)
+    framework: Literal["torch", "tensorflow"] | None = None
+    entrypoint: str | None = None
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=MAX_PRIORITY)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    distributed_training: bool = False
+    faults: FaultSpec | None = None
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint_shape(cls, value: str | None) -> str | None:
+        if value is not None and not _ENTRYPOINT_RE.match(value):
+            raise ValueError("entrypoint must look like 'package.module:function'")
+        return value
+
+    @field_validator("distributed_training")
+    @classmethod
+    def _no_distributed(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("multi-GPU (distributed) jobs are not supported yet")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_train(self) -> Self:
+        if self.entrypoint is None and self.framework is None:
+            raise ValueError("give 'framework' (torch or tensorflow) or an 'entrypoint'")
+        return self
+
+    @property
+    def queue(self) -> str:
+        return job_queue(self.resources.gpu_type, self.resources.memory_gb)
+
+    @property
+    def effective_framework(self) -> str:
+        """Custom entrypoints run in the torch trainer process unless the spec says otherwise."""
+        return self.framework or "torch"
+
+
+class SpecPolicyError(ValueError):
+    """The spec is well formed but this deployment does not allow it."""
+
+
+def check_policy(
+    spec: JobSpec, *, entrypoint_prefixes: tuple[str, ...], fault_injection: bool
+) -> None:
+    """Deployment rules a spec must pass at submit: allowed entrypoints, fault injection."""
+    if spec.entrypoint is not None:
+        module = spec.entrypoint.partition(":")[0]
+        allowed = any(
+            module == prefix or module.startswith(prefix.rstrip(".") + ".")
+            for prefix in entrypoint_prefixes
+        )
+        if not allowed:
+            where = ", ".join(entrypoint_prefixes) or "none are allowed"
+            raise SpecPolicyError(
+                f"entrypoint module {module!r} is not under an allowed prefix "
+                f"(GPUFLEET_ENTRYPOINT_ALLOW: {where})"
+            )
+    if spec.faults is not None and not fault_injection:
+        raise SpecPolicyError(
+            "'faults' is only accepted when GPUFLEET_FAULT_INJECTION=1 (drills and tests)"
+        )

@@ -1,0 +1,88 @@
+"""The only place that knows Celery task and queue names: ``dispatch`` sends a job's wake-up.
+
+The API and the reaper import this, never worker code: they send ``run_job`` by name. A message
+carries the job id and nothing else; Postgres decides who runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from celery import Celery
+from kombu.entity import Exchange, Queue
+
+from app.domain.spec import MAX_PRIORITY
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "gpufleet.run_job"
+
+#: Redis priority steps: one list per step and queue. Kombu serves step 0 first, so a job's
+#: priority p (9 = most urgent) travels as ``MAX_PRIORITY - p``.
+PRIORITY_STEPS = list(range(MAX_PRIORITY + 1))
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Settings shared by the sender (API, reaper) and the workers."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "priority_steps": PRIORITY_STEPS,
+            "sep": ":",
+            # Consume a worker's queues in the order given (largest tier first: best fit)
+            # instead of kombu's default round robin.
+            "queue_order_strategy": "priority",
+        },
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_default_priority": MAX_PRIORITY - 5,
+    }
+
+
+def direct_queue(name: str) -> Queue:
+    """A queue reached through the anonymous exchange: no bindings to lose in Redis."""
+    return Queue(name, Exchange(""), routing_key=name)  # type: ignore[no-untyped-call]
+
+
+def make_sender(settings: Settings) -> Celery:
+    app = Celery("gpufleet-sender")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+class Dispatcher:
+    """Sends ``run_job`` wake-ups. A failed send is logged, not raised: the job is already in
+    Postgres and the reaper will send the wake-up again after ``redispatch_after``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._app = make_sender(settings)
+
+    def dispatch(self, *, job_id: uuid.UUID, queue: str, priority: int) -> bool:
+        try:
+            # The anonymous exchange ("") routes by queue name alone. A named exchange needs
+            # bindings kept in Redis, and those vanish when Redis loses its data.
+            self._app.send_task(
+                RUN_JOB_TASK,
+                args=[str(job_id)],
+                queue=direct_queue(queue),
+                priority=MAX_PRIORITY - priority,
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+            )
+        except Exception as exc:  # the broker is down: the reaper is the outbox
+            log.warning(
+                "dispatch of job %s to %s failed (%s); the reaper will retry", job_id, queue, exc
+            )
+            return False
+        return True
+
+    def ping(self) -> None:
+        """Raise if the broker cannot be reached."""
+        with self._app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)

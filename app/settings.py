@@ -1,0 +1,105 @@
+"""One settings object for every gpufleet process, read from ``GPUFLEET_*`` variables.
+
+A bad value stops the process at start with a message that names the variable, rather than
+surfacing later as a confusing failure in the middle of a job.
+"""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@localhost:5432/gpufleet"
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+
+
+class SettingsError(RuntimeError):
+    """A GPUFLEET_* variable has a value gpufleet cannot run with."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GPUFLEET_", extra="ignore", frozen=True)
+
+    database_url: str = DEFAULT_DATABASE_URL
+    broker_url: str = DEFAULT_BROKER_URL
+    api_tokens: str = ""
+    fake_gpus: str = ""
+    hostname: str = Field(default_factory=socket.gethostname)
+    lease_ttl: float = Field(default=60.0, gt=0)
+    heartbeat_interval: float = Field(default=10.0, gt=0)
+    reaper_interval: float = Field(default=15.0, gt=0)
+    checkpoint_root: Path = Path("./var/checkpoints")
+    data_root: Path = Path("./var/data")
+    entrypoint_allow: str = ""
+    redispatch_after: float = Field(default=60.0, gt=0)
+    telemetry_interval: float = Field(default=5.0, gt=0)
+    fault_injection: bool = False
+    #: checkpoints kept per job; older ones are deleted once a newer one is recorded.
+    checkpoints_keep: int = Field(default=3, ge=1)
+    #: grace past expiry before the reaper takes a lease back (clock skew, slow commits).
+    reaper_grace: float = Field(default=0.0, ge=0)
+    #: the most leases/jobs one reaper pass touches, so a pass stays short.
+    reaper_batch: int = Field(default=100, ge=1)
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value.strip()
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _tokens_well_formed(cls, value: str) -> str:
+        parse_api_tokens(value)
+        return value
+
+    @model_validator(mode="after")
+    def _heartbeat_fits_lease(self) -> Self:
+        # A lease must survive at least two missed heartbeats, or a healthy worker loses it.
+        if self.lease_ttl < 3 * self.heartbeat_interval:
+            raise ValueError(
+                f"GPUFLEET_LEASE_TTL ({self.lease_ttl:g}s) must be at least three times "
+                f"GPUFLEET_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g}s)"
+            )
+        return self
+
+    @property
+    def tokens(self) -> dict[str, str]:
+        """token -> tenant."""
+        return parse_api_tokens(self.api_tokens)
+
+    @property
+    def entrypoint_prefixes(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.entrypoint_allow.split(",") if p.strip())
+
+
+def parse_api_tokens(raw: str) -> dict[str, str]:
+    """Parse ``tenant:token,...`` into ``{token: tenant}``."""
+    tokens: dict[str, str] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        tenant, sep, token = item.partition(":")
+        if not sep or not tenant.strip() or not token.strip():
+            raise ValueError("expected tenant:token,tenant:token")
+        tokens[token.strip()] = tenant.strip()
+    return tokens
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings; raises SettingsError naming each bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = "GPUFLEET_" + "_".join(str(p) for p in err["loc"]).upper()
+            problems.append(f"{name}: {err['msg']}" if err["loc"] else err["msg"])
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None

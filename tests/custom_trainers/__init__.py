@@ -1,0 +1,1 @@
+"""Example custom trainers (``entrypoint: "tests.custom_trainers.toy:train"``)."""

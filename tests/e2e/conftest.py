@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import REDIS_URL
+from tests.e2e.fleet import Fleet
+
+#: Redis database of the end-to-end fleet (in-process tests use another).
+E2E_REDIS_DB = 13
+
+#: Short times so that expiry and recovery happen within a test.
+E2E_TIMINGS = {
+    "GPUFLEET_LEASE_TTL": "3",
+    "GPUFLEET_HEARTBEAT_INTERVAL": "0.5",
+    "GPUFLEET_REAPER_INTERVAL": "0.5",
+    "GPUFLEET_REDISPATCH_AFTER": "3",
+    "GPUFLEET_TELEMETRY_INTERVAL": "1",
+}
+
+
+@pytest.fixture
+def broker_url() -> Iterator[str]:
+    url = f"{REDIS_URL}/{E2E_REDIS_DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def fleet(db_url: str, broker_url: str, tmp_path: Path) -> Iterator[Fleet]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("GPUFLEET_") and key != "CUDA_VISIBLE_DEVICES"
+    }
+    env.update(E2E_TIMINGS)
+    env.update(
+        {
+            "GPUFLEET_DATABASE_URL": db_url,
+            "GPUFLEET_BROKER_URL": broker_url,
+            "GPUFLEET_CHECKPOINT_ROOT": str(tmp_path / "checkpoints"),
+            "GPUFLEET_DATA_ROOT": str(tmp_path / "data"),
+            "GPUFLEET_FAULT_INJECTION": "1",
+            "GPUFLEET_ENTRYPOINT_ALLOW": "tests.custom_trainers",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    fleet = Fleet(env=env, workdir=tmp_path)
+    try:
+        yield fleet
+    finally:
+        fleet.stop()

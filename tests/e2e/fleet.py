@@ -1,0 +1,214 @@
+"""A fleet of real processes for end-to-end tests: API, reaper and workers, as ``gpufleet up``
+starts them, each a plain process with its own log file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from tests.conftest import ROOT
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(
+    predicate: Callable[[], T | None], *, timeout: float, interval: float = 0.2, what: str = ""
+) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def tree(self) -> list[int]:
+        return [self.popen.pid, *descendants(self.popen.pid)]
+
+    def signal_tree(self, sig: signal.Signals) -> None:
+        for pid in self.tree():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Fleet:
+    env: dict[str, str]
+    workdir: Path
+    procs: list[Proc] = field(default_factory=list)
+    api_url: str = ""
+
+    def _start(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> Proc:
+        log_path = self.workdir / f"{name}.log"
+        log_file = log_path.open("wb")
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", *args],
+            cwd=ROOT,
+            env={**self.env, **(extra_env or {})},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def start_api(self) -> Proc:
+        port = free_port()
+        proc = self._start("api", ["api", "--port", str(port)])
+        self.api_url = f"http://127.0.0.1:{port}"
+        wait_for(self._healthy, timeout=30, what="the API's /healthz")
+        return proc
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.api_url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start_reaper(self) -> Proc:
+        return self._start("reaper", ["reaper"])
+
+    def start_worker(self, name: str, *, fake_gpus: str, host: str) -> Proc:
+        return self._start(
+            name, ["worker"], {"GPUFLEET_FAKE_GPUS": fake_gpus, "GPUFLEET_HOSTNAME": host}
+        )
+
+    def wait_workers_ready(self, count: int, timeout: float = 60) -> None:
+        def ready() -> bool:
+            devices = self.get("/v1/devices")["devices"]
+            return sum(1 for d in devices if d["alive"]) >= count
+
+        wait_for(ready, timeout=timeout, what=f"{count} workers to claim devices")
+        # Celery needs a moment after the claim to start consuming.
+        wait_for(
+            lambda: (
+                sum("ready." in p.log() for p in self.procs if p.name.startswith("worker")) >= count
+            ),
+            timeout=timeout,
+            what="celery workers ready",
+        )
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.popen.poll() is None:
+                proc.signal_tree(signal.SIGKILL)
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=10)
+
+    # -- the API ---------------------------------------------------------------------------
+
+    def get(self, path: str) -> Any:
+        response = httpx.get(f"{self.api_url}{path}", timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def submit(self, spec: dict[str, Any]) -> str:
+        response = httpx.post(f"{self.api_url}/v1/jobs", json=spec, timeout=10)
+        assert response.status_code == 201, response.text
+        job_id: str = response.json()["id"]
+        return job_id
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        job: dict[str, Any] = self.get(f"/v1/jobs/{job_id}")
+        return job
+
+    def wait_final(self, job_ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+        final: dict[str, dict[str, Any]] = {}
+
+        def all_final() -> bool:
+            for job_id in job_ids:
+                if job_id not in final:
+                    job = self.job(job_id)
+                    if job["status"] in ("succeeded", "failed", "cancelled"):
+                        final[job_id] = job
+            return len(final) == len(job_ids)
+
+        try:
+            wait_for(all_final, timeout=timeout, interval=0.5, what="jobs to finish")
+        except AssertionError:
+            pending = {j: self.job(j)["status"] for j in job_ids if j not in final}
+            logs = "\n".join(f"--- {p.name}\n{p.log()[-3000:]}" for p in self.procs)
+            raise AssertionError(f"jobs not final: {pending}\n{logs}") from None
+        return final
+
+
+def small_job(**overrides: Any) -> dict[str, Any]:
+    """A job that trains in a second or two on a CPU."""
+    spec: dict[str, Any] = {
+        "name": "e2e",
+        "framework": "torch",
+        "model": {"type": "mlp", "input_dim": 8, "hidden_units": [16], "output_dim": 1},
+        "data": {"source": "synthetic", "samples": 2000, "seed": 0},
+        "training": {
+            "epochs": 2,
+            "batch_size": 100,
+            "learning_rate": 0.01,
+            "seed": 0,
+            "checkpoint_every_steps": 10,
+        },
+        "resources": {"gpu_type": "any", "memory_gb": 8},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec

@@ -1,0 +1,219 @@
+"""The HTTP API on a real Postgres and Redis: the contract of API.md, and bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from app.api.app import create_app, ensure_safe_bind
+from app.settings import Settings, SettingsError
+from tests.conftest import ROOT
+
+JOB = {
+    "name": "mlp-demo",
+    "framework": "torch",
+    "model": {"type": "mlp", "input_dim": 32, "hidden_units": [128, 64], "output_dim": 1},
+    "data": {"source": "synthetic", "samples": 20000, "seed": 0},
+    "training": {
+        "epochs": 3,
+        "batch_size": 256,
+        "learning_rate": 0.001,
+        "seed": 0,
+        "checkpoint_every_steps": 50,
+        "mixed_precision": False,
+    },
+    "resources": {"gpu_type": "any", "memory_gb": 8, "gpu_count": 1, "gpu_memory_fraction": 0.9},
+    "priority": 5,
+    "max_attempts": 3,
+}
+ALICE = {"Authorization": "Bearer alice-token"}
+BOB = {"Authorization": "Bearer bob-token"}
+
+
+@pytest.fixture
+def client(settings: Settings) -> TestClient:
+    tokens = "alice:alice-token,bob:bob-token"
+    return TestClient(create_app(settings.model_copy(update={"api_tokens": tokens})))
+
+
+def job_with(**changes: Any) -> dict[str, Any]:
+    body = {**JOB}
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(body.get(key), dict):
+            body[key] = {**body[key], **value}
+        else:
+            body[key] = value
+    return body
+
+
+def error_of(response: Any) -> str:
+    body = response.json()
+    assert set(body) == {"error"} and {"code", "message"} <= set(body["error"]), body
+    message: str = body["error"]["message"]
+    return message
+
+
+def test_submit_then_get_list_and_cancel(client: TestClient, redis_url: str) -> None:
+    created = client.post("/v1/jobs", json=JOB, headers=ALICE)
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert job["status"] == "queued" and job["queue"] == "gpu.any.8" and job["tenant"] == "alice"
+    assert job["batch"] == {"size": 256, "micro_batch": 256, "accumulation": 1}
+    assert "no devices are registered" in job["waiting_reason"]
+    # The wake-up landed in the job's queue (Redis list named after it; priority 5 -> step 4)
+    keys = {k.decode() for k in redis.Redis.from_url(redis_url).keys("gpu.*")}
+    assert keys == {"gpu.any.8:4"}
+    assert client.get(f"/v1/jobs/{job['id']}", headers=ALICE).json()["id"] == job["id"]
+    listed = client.get("/v1/jobs", headers=ALICE).json()
+    assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel", headers=ALICE)
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+    again = client.post(f"/v1/jobs/{job['id']}/cancel", headers=ALICE)
+    assert again.status_code == 409 and "already cancelled" in error_of(again)
+    kinds = [
+        e["kind"]
+        for e in client.get(f"/v1/jobs/{job['id']}/events", headers=ALICE).json()["events"]
+    ]
+    assert kinds == ["submitted", "cancelled"]
+
+
+def test_routing_to_type_and_tier(client: TestClient) -> None:
+    body = job_with(resources={"gpu_type": "a100", "memory_gb": 40})
+    assert client.post("/v1/jobs", json=body, headers=ALICE).json()["queue"] == "gpu.A100.40"
+
+
+def test_pagination_newest_first(client: TestClient) -> None:
+    ids = [
+        client.post("/v1/jobs", json=job_with(name=f"j{i}"), headers=ALICE).json()["id"]
+        for i in range(5)
+    ]
+    seen, cursor = [], None
+    while True:
+        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/jobs", params=params, headers=ALICE).json()
+        seen += [j["id"] for j in page["jobs"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    queued = client.get("/v1/jobs", params={"status": "queued"}, headers=ALICE).json()
+    assert len(queued["jobs"]) == 5
+
+
+def test_idempotency_key(client: TestClient) -> None:
+    headers = {**ALICE, "Idempotency-Key": "nightly-42"}
+    first = client.post("/v1/jobs", json=JOB, headers=headers)
+    same = client.post("/v1/jobs", json=JOB, headers=headers)
+    assert first.status_code == 201 and same.status_code == 200
+    assert same.json()["id"] == first.json()["id"]
+    other = client.post("/v1/jobs", json=job_with(name="other"), headers=headers)
+    assert other.status_code == 409 and "different body" in error_of(other)
+    # Keys belong to a tenant
+    assert (
+        client.post(
+            "/v1/jobs", json=JOB, headers={**BOB, "Idempotency-Key": "nightly-42"}
+        ).status_code
+        == 201
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        (job_with(colour="red"), 422, "unknown field 'colour'"),
+        (job_with(resources={"memory_gb": -4}), 422, "resources.memory_gb"),
+        (job_with(framework="jax"), 422, "framework"),
+        (job_with(resources={"gpu_count": 2}), 422, "multi-GPU jobs are not supported yet"),
+        (job_with(distributed_training=True), 422, "not supported yet"),
+        (job_with(resources={"memory_gb": 500}), 422, "largest GPU tier"),
+        (job_with(faults={"oom_above_micro_batch": 64}), 422, "GPUFLEET_FAULT_INJECTION"),
+        (job_with(framework=None, entrypoint="evil.module:run"), 422, "not under an allowed"),
+        (job_with(training={"batch_size": 0}), 422, "training.batch_size"),
+        ([1, 2, 3], 422, "body"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx(
+    client: TestClient, body: Any, status: int, needle: str
+) -> None:
+    response = client.post("/v1/jobs", json=body, headers=ALICE)
+    assert response.status_code == status
+    assert needle in error_of(response)
+
+
+def test_malformed_json(client: TestClient) -> None:
+    response = client.post(
+        "/v1/jobs", content=b"{not json", headers={**ALICE, "Content-Type": "application/json"}
+    )
+    assert response.status_code == 422 and "not valid JSON" in error_of(response)
+
+
+def test_auth_and_tenants(client: TestClient) -> None:
+    assert "missing bearer token" in error_of(client.post("/v1/jobs", json=JOB))
+    assert client.get("/v1/jobs").status_code == 401
+    wrong = client.get("/v1/jobs", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "unknown token" in error_of(wrong)
+    job_id = client.post("/v1/jobs", json=JOB, headers=ALICE).json()["id"]
+    for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/events", f"/v1/jobs/{job_id}/logs"):
+        response = client.get(path, headers=BOB)
+        assert response.status_code == 404 and "not found" in error_of(response)
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=BOB).status_code == 404
+    assert client.get("/v1/jobs", headers=BOB).json()["jobs"] == []
+
+
+def test_unknown_and_malformed_ids_and_cursors(client: TestClient) -> None:
+    assert client.get(f"/v1/jobs/{uuid.uuid4()}", headers=ALICE).status_code == 404
+    assert "not a job id" in error_of(client.get("/v1/jobs/not-a-uuid", headers=ALICE))
+    bad = client.get("/v1/jobs", params={"cursor": "garbage!"}, headers=ALICE)
+    assert bad.status_code == 422 and "cursor" in error_of(bad)
+    bad_status = client.get("/v1/jobs", params={"status": "sleeping"}, headers=ALICE)
+    assert bad_status.status_code == 422 and "status" in error_of(bad_status)
+
+
+def test_validate_devices_fleet_and_ops(client: TestClient) -> None:
+    verdict = client.post("/v1/jobs/validate", json=JOB, headers=ALICE).json()
+    assert (
+        verdict["valid"]
+        and verdict["fits"] == []
+        and "no registered device" in (verdict["waiting_reason"])
+    )
+    assert client.get("/v1/devices", headers=ALICE).json() == {"devices": []}
+    fleet = client.get("/v1/fleet", headers=ALICE).json()
+    assert fleet["devices"]["registered"] == 0 and "queued" in fleet["jobs"]
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    client.post("/v1/jobs", json=JOB, headers=ALICE)
+    metrics = client.get("/metrics").text
+    assert 'gpufleet_jobs{status="queued"} 1.0' in metrics
+    assert 'gpufleet_queue_depth{queue="gpu.any.8"} 1.0' in metrics
+
+
+def test_readyz_names_the_part_that_is_down(settings: Settings) -> None:
+    broken = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    response = TestClient(create_app(broken)).get("/readyz")
+    assert response.status_code == 503 and "broker" in error_of(response)
+
+
+def test_no_tokens_means_tenant_default_on_loopback_only(settings: Settings) -> None:
+    client = TestClient(create_app(settings))
+    assert client.post("/v1/jobs", json=JOB).json()["tenant"] == "default"
+    ensure_safe_bind("127.0.0.1", settings)
+    with pytest.raises(SettingsError, match="loopback only"):
+        ensure_safe_bind("0.0.0.0", settings)
+    ensure_safe_bind("0.0.0.0", settings.model_copy(update={"api_tokens": "a:b"}))
+
+
+def test_the_api_imports_no_worker_code_or_frameworks() -> None:
+    code = (
+        "import sys, app.api.app, app.cli; "
+        "bad = [m for m in ('workers', 'torch', 'tensorflow') if m in sys.modules]; "
+        "print(','.join(bad)); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,233 @@
+"""The lease invariants, on a real Postgres: one holder, fenced writes, reaping, device claims."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+
+from app.db import devices as device_rows
+from app.db import leases, reaping
+from app.db.jobs import cancel_job, submit_job
+from app.db.session import session_scope
+from app.domain.spec import JobSpec
+from app.domain.states import ErrorKind, JobStatus, LeaseOutcome
+from app.settings import Settings
+
+SPEC = JobSpec.model_validate({"framework": "torch", "max_attempts": 2})
+
+
+def _submit(settings: Settings, spec: JobSpec = SPEC) -> uuid.UUID:
+    with session_scope(settings.database_url) as s:
+        return submit_job(session=s, tenant="t", spec=spec).job_id
+
+
+def _acquire(settings: Settings, job_id: uuid.UUID, worker: str = "w1") -> leases.LeaseGrant | None:
+    with session_scope(settings.database_url) as s:
+        return leases.acquire_lease(
+            session=s, job_id=job_id, worker=worker, device_uuid=None, ttl=settings.lease_ttl
+        )
+
+
+def _expire(settings: Settings, job_id: uuid.UUID) -> None:
+    """Make the live lease look long expired (as if its worker went silent)."""
+    with session_scope(settings.database_url) as s:
+        s.execute(
+            text(
+                "UPDATE leases SET expires_at = now() - interval '1 minute' "
+                "WHERE job_id = :j AND released_at IS NULL"
+            ),
+            {"j": job_id},
+        )
+
+
+def _reap(settings: Settings) -> list[reaping.Reaped]:
+    with session_scope(settings.database_url) as s:
+        return reaping.reap_expired_leases(session=s, grace=0, limit=100)
+
+
+def _status(settings: Settings, job_id: uuid.UUID) -> tuple[str, int, int]:
+    with session_scope(settings.database_url) as s:
+        row = s.execute(
+            text("SELECT status, attempts, epoch FROM jobs WHERE id = :j"), {"j": job_id}
+        ).one()
+        return row.status, row.attempts, row.epoch
+
+
+def test_two_workers_never_hold_one_job(settings: Settings) -> None:
+    # Given one queued job and eight workers racing for it
+    job_id = _submit(settings)
+    grants: list[leases.LeaseGrant | None] = []
+    barrier = threading.Barrier(8)
+
+    def race(n: int) -> None:
+        barrier.wait()
+        grants.append(_acquire(settings, job_id, worker=f"w{n}"))
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Then exactly one wins, and the database holds exactly one live lease
+    assert sum(g is not None for g in grants) == 1
+    with session_scope(settings.database_url) as s:
+        live = s.scalar(
+            text("SELECT count(*) FROM leases WHERE job_id = :j AND released_at IS NULL"),
+            {"j": job_id},
+        )
+    assert live == 1
+
+
+def test_schema_refuses_a_second_live_lease(settings: Settings) -> None:
+    job_id = _submit(settings)
+    grant = _acquire(settings, job_id)
+    assert grant is not None
+    with (
+        pytest.raises(IntegrityError, match="uq_leases_one_live_per_job"),
+        session_scope(settings.database_url) as s,
+    ):
+        s.execute(
+            text(
+                "INSERT INTO leases (job_id, epoch, worker, expires_at) "
+                "VALUES (:j, :e, 'intruder', now() + interval '1 minute')"
+            ),
+            {"j": job_id, "e": grant.epoch + 1},
+        )
+
+
+def test_reaped_lease_fences_every_write_of_the_old_holder(settings: Settings) -> None:
+    # Given a job whose worker went silent and was reaped
+    job_id = _submit(settings)
+    old = _acquire(settings, job_id)
+    assert old is not None
+    _expire(settings, job_id)
+    reaped = _reap(settings)
+    assert [(r.job_id, r.status) for r in reaped] == [(job_id, JobStatus.QUEUED)]
+    new = _acquire(settings, job_id, worker="w2")
+    assert new is not None and new.epoch > old.epoch
+    # Then every write naming the old epoch is refused
+    url, e = settings.database_url, old.epoch
+    with session_scope(url) as s:
+        assert leases.heartbeat(session=s, job_id=job_id, epoch=e, ttl=5) is None
+        assert not leases.record_progress(session=s, job_id=job_id, epoch=e, progress={"step": 9})
+        assert (
+            leases.record_checkpoint(session=s, job_id=job_id, epoch=e, step=9, path="x", keep=3)
+            is None
+        )
+        assert not leases.finish(
+            session=s, job_id=job_id, epoch=e, outcome=LeaseOutcome.SUCCEEDED, result={}
+        )
+    # And the new holder's writes go through
+    with session_scope(url) as s:
+        assert leases.heartbeat(session=s, job_id=job_id, epoch=new.epoch, ttl=5) is False
+        assert leases.finish(
+            session=s, job_id=job_id, epoch=new.epoch, outcome=LeaseOutcome.SUCCEEDED, result={}
+        )
+    assert _status(settings, job_id)[:2] == ("succeeded", 2)
+
+
+def test_reaper_fails_a_job_whose_attempts_are_spent(settings: Settings) -> None:
+    job_id = _submit(settings)  # max_attempts 2
+    for _ in range(2):
+        assert _acquire(settings, job_id) is not None
+        _expire(settings, job_id)
+        _reap(settings)
+    status, attempts, _ = _status(settings, job_id)
+    assert (status, attempts) == ("failed", 2)
+    with session_scope(settings.database_url) as s:
+        outcomes = s.scalars(
+            text("SELECT outcome FROM leases WHERE job_id = :j ORDER BY epoch"), {"j": job_id}
+        ).all()
+        error = s.scalar(text("SELECT error FROM jobs WHERE id = :j"), {"j": job_id})
+    assert outcomes == ["expired", "expired"]
+    assert error["kind"] == ErrorKind.LOST_WORKER.value
+
+
+def test_cancel_queued_at_once_and_running_through_the_heartbeat(settings: Settings) -> None:
+    queued = _submit(settings)
+    running = _submit(settings)
+    grant = _acquire(settings, running)
+    assert grant is not None
+    with session_scope(settings.database_url) as s:
+        assert cancel_job(session=s, tenant="t", job_id=queued) == JobStatus.CANCELLED
+        assert cancel_job(session=s, tenant="t", job_id=running) == JobStatus.RUNNING
+    assert _acquire(settings, queued) is None
+    with session_scope(settings.database_url) as s:
+        assert leases.heartbeat(session=s, job_id=running, epoch=grant.epoch, ttl=5) is True
+
+
+def test_retry_waits_for_its_backoff_then_is_dispatched(settings: Settings) -> None:
+    job_id = _submit(settings)
+    grant = _acquire(settings, job_id)
+    assert grant is not None
+    with session_scope(settings.database_url) as s:
+        status = leases.requeue_for_retry(
+            session=s,
+            job_id=job_id,
+            epoch=grant.epoch,
+            kind=ErrorKind.INFRA,
+            message="disk blinked",
+            backoff_s=3600,
+        )
+    assert status == JobStatus.QUEUED
+    assert _acquire(settings, job_id) is None  # not due yet
+    with session_scope(settings.database_url) as s:
+        assert reaping.claim_due_dispatches(session=s, redispatch_after=0.0, limit=10) == []
+        s.execute(text("UPDATE jobs SET retry_at = now() WHERE id = :j"), {"j": job_id})
+    with session_scope(settings.database_url) as s:
+        due = reaping.claim_due_dispatches(session=s, redispatch_after=0.0, limit=10)
+    assert [d.job_id for d in due] == [job_id]
+    assert _acquire(settings, job_id) is not None
+
+
+def test_checkpoints_beyond_the_last_n_are_returned_for_deletion(settings: Settings) -> None:
+    job_id = _submit(settings)
+    grant = _acquire(settings, job_id)
+    assert grant is not None
+    stale_all: list[str] = []
+    with session_scope(settings.database_url) as s:
+        for step in (10, 20, 30, 40):
+            stale = leases.record_checkpoint(
+                session=s, job_id=job_id, epoch=grant.epoch, step=step, path=f"s{step}", keep=2
+            )
+            assert stale is not None
+            stale_all += stale
+        assert leases.checkpoint_paths(session=s, job_id=job_id) == ["s40", "s30"]
+    assert stale_all == ["s10", "s20"]
+
+
+def _device(uuid_: str, index: int) -> device_rows.DeviceRecord:
+    return device_rows.DeviceRecord(
+        uuid=uuid_,
+        host="h",
+        index=index,
+        name="Simulated A100",
+        gpu_type="A100",
+        memory_bytes=80 * 2**30,
+        pci_bus_id=f"sim:{index}",
+        simulated=True,
+    )
+
+
+def test_three_claimers_two_devices(settings: Settings) -> None:
+    url = settings.database_url
+    uuids = ["GPU-a", "GPU-b"]
+    with session_scope(url) as s:
+        device_rows.register_devices(
+            session=s, devices=[_device(u, i) for i, u in enumerate(uuids)]
+        )
+    claims = []
+    for worker in ("w1", "w2", "w3"):
+        with session_scope(url) as s:
+            claims.append(device_rows.claim_device(session=s, uuids=uuids, worker=worker, ttl=60))
+    assert sorted(c for c in claims if c) == uuids and claims[2] is None
+    # When the first worker's claim expires, the waiting one gets its device
+    with session_scope(url) as s:
+        s.execute(text("UPDATE devices SET expires_at = now() - interval '1 s' WHERE worker='w1'"))
+    with session_scope(url) as s:
+        assert device_rows.claim_device(session=s, uuids=uuids, worker="w3", ttl=60) == claims[0]
+        assert not device_rows.heartbeat_device(session=s, uuid=uuids[0], worker="w1", ttl=60)

@@ -1,0 +1,205 @@
+"""The supervisor around real trainer processes, on a real Postgres (no Celery in between):
+OOM backoff, failure classes, retries and cancellation."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from app.db.jobs import cancel_job, job_view, submit_job
+from app.db.session import session_scope
+from app.domain.spec import JobSpec
+from app.settings import Settings
+from workers.runner import Outcome, Supervisor, WorkerIdentity
+
+IDENTITY = WorkerIdentity(worker="test-worker@testhost", device_uuid=None, cuda=False)
+
+
+@pytest.fixture
+def fi_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"fault_injection": True})
+
+
+def spec(**overrides: Any) -> JobSpec:
+    body: dict[str, Any] = {
+        "framework": "torch",
+        "model": {"input_dim": 8, "hidden_units": [16], "output_dim": 1},
+        "data": {"samples": 1024, "seed": 0},
+        "training": {
+            "epochs": 2,
+            "batch_size": 256,
+            "learning_rate": 0.01,
+            "seed": 0,
+            "checkpoint_every_steps": 2,
+        },
+    }
+    body.update(overrides)
+    return JobSpec.model_validate(body)
+
+
+def submit(settings: Settings, job: JobSpec) -> uuid.UUID:
+    with session_scope(settings.database_url) as s:
+        return submit_job(session=s, tenant="t", spec=job).job_id
+
+
+def view(settings: Settings, job_id: uuid.UUID) -> dict[str, Any]:
+    with session_scope(settings.database_url) as s:
+        return job_view(session=s, tenant="t", job_id=job_id)
+
+
+def events(settings: Settings, job_id: uuid.UUID) -> list[tuple[str, int | None, str]]:
+    with session_scope(settings.database_url) as s:
+        rows = s.execute(
+            text("SELECT kind, epoch, message FROM job_events WHERE job_id = :j ORDER BY id"),
+            {"j": job_id},
+        ).all()
+    return [(r.kind, r.epoch, r.message) for r in rows]
+
+
+def make_due(settings: Settings, job_id: uuid.UUID) -> None:
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE jobs SET retry_at = now() WHERE id = :j"), {"j": job_id})
+
+
+def test_a_job_runs_to_its_result_with_progress_checkpoints_and_logs(
+    fi_settings: Settings,
+) -> None:
+    job_id = submit(fi_settings, spec())
+    assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.SUCCEEDED
+    job = view(fi_settings, job_id)
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+    assert job["progress"]["step"] == job["progress"]["total_steps"] == 8
+    assert job["checkpoint"]["step"] == 8
+    assert len(job["result"]["weights_sha256"]) == 64
+    with session_scope(fi_settings.database_url) as s:
+        kept = s.scalar(text("SELECT count(*) FROM checkpoints WHERE job_id = :j"), {"j": job_id})
+    assert kept == fi_settings.checkpoints_keep
+    # A duplicate delivery after the end is acknowledged and does nothing
+    assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.SKIPPED
+
+
+def test_oom_backoff_keeps_the_effective_batch_and_later_attempts_start_there(
+    fi_settings: Settings,
+) -> None:
+    # Given a batch of 256 whose injected OOM fires above micro-batch 64, and a transient
+    # failure later in the first attempt
+    faults = {"oom_above_micro_batch": 64, "fail_at_step": 6, "fail_with": "transient"}
+    job_id = submit(fi_settings, spec(faults=faults))
+    baseline_id = submit(fi_settings, spec())
+    # When it runs
+    assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.REQUEUED
+    backoffs = [e for e in events(fi_settings, job_id) if e[0] == "oom_backoff"]
+    assert [m for _, _, m in backoffs] == [
+        "out of memory at micro-batch 256: retrying with 128 x 2",
+        "out of memory at micro-batch 128: retrying with 64 x 4",
+    ]
+    make_due(fi_settings, job_id)
+    assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.SUCCEEDED
+    assert Supervisor(fi_settings, IDENTITY).run(baseline_id) == Outcome.SUCCEEDED
+    # Then the second attempt started at 64 (no new backoff) and it ends with 64 x 4
+    job = view(fi_settings, job_id)
+    assert job["attempts"] == 2
+    assert [e for e in events(fi_settings, job_id) if e[0] == "oom_backoff"] == backoffs
+    assert job["batch"] == {"size": 256, "micro_batch": 64, "accumulation": 4}
+    # And trains the same model as the run that never ran out of memory: the gradient is the
+    # same sum, only added in another order (float rounding, ~1e-7 relative per step).
+    baseline = view(fi_settings, baseline_id)["result"]["final_loss"]
+    assert job["result"]["final_loss"] == pytest.approx(baseline, rel=1e-4)
+
+
+def test_oom_at_every_micro_batch_fails_after_log2_batch_plus_one_tries(
+    fi_settings: Settings,
+) -> None:
+    job_id = submit(fi_settings, spec(faults={"oom_above_micro_batch": 0}, max_attempts=3))
+    assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.FAILED
+    job = view(fi_settings, job_id)
+    assert job["error"]["kind"] == "oom" and job["attempts"] == 1
+    backoffs = [e for e in events(fi_settings, job_id) if e[0] == "oom_backoff"]
+    assert len(backoffs) + 1 == 9  # 256, 128, ..., 1: log2(256) + 1 trainer runs
+
+
+def test_a_bug_in_training_fails_at_once_as_a_user_error(fi_settings: Settings) -> None:
+    faults = {"fail_at_step": 3, "fail_with": "value_error"}
+    job_id = submit(fi_settings, spec(faults=faults, max_attempts=3))
+    assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.FAILED
+    job = view(fi_settings, job_id)
+    assert job["error"]["kind"] == "user_error" and job["attempts"] == 1
+    assert "ValueError" in job["error"]["message"]
+
+
+def test_a_transient_error_retries_with_backoff_then_succeeds(fi_settings: Settings) -> None:
+    faults = {"fail_at_step": 3, "fail_with": "transient"}
+    job_id = submit(fi_settings, spec(faults=faults))
+    assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.REQUEUED
+    job = view(fi_settings, job_id)
+    assert job["status"] == "queued" and job["retry_at"] is not None
+    assert job["error"]["kind"] == "infra"
+    # Not before its backoff
+    assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.SKIPPED
+    make_due(fi_settings, job_id)
+    assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.SUCCEEDED
+    job = view(fi_settings, job_id)
+    assert job["attempts"] == 2 and job["error"] is None
+    assert [k for k, _, _ in events(fi_settings, job_id)].count("retry") == 1
+
+
+def test_cancelling_a_running_job_stops_it_and_keeps_its_checkpoint(
+    fi_settings: Settings,
+) -> None:
+    job_id = submit(
+        fi_settings,
+        spec(
+            faults={"step_delay_s": 0.2},
+            training={"epochs": 20, "batch_size": 256, "checkpoint_every_steps": 2},
+        ),
+    )
+
+    def cancel_when_running() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (view(fi_settings, job_id)["progress"] or {}).get("step", 0) >= 3:
+                with session_scope(fi_settings.database_url) as s:
+                    cancel_job(session=s, tenant="t", job_id=job_id)
+                return
+            time.sleep(0.1)
+
+    canceller = threading.Thread(target=cancel_when_running)
+    canceller.start()
+    assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.CANCELLED
+    canceller.join()
+    job = view(fi_settings, job_id)
+    assert job["status"] == "cancelled" and job["error"]["kind"] == "cancelled"
+    assert job["checkpoint"] is not None
+    assert job["progress"]["step"] < job["progress"]["total_steps"]
+
+
+def test_a_corrupt_latest_checkpoint_is_skipped_for_the_one_before(
+    fi_settings: Settings,
+) -> None:
+    # Given an attempt that checkpointed at steps 2, 4 and 6 and then failed transiently
+    faults = {"fail_at_step": 7, "fail_with": "transient"}
+    job_id = submit(fi_settings, spec(faults=faults))
+    baseline_id = submit(fi_settings, spec())
+    assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.REQUEUED
+    newest = view(fi_settings, job_id)["checkpoint"]
+    assert newest["step"] == 6
+    # When the newest checkpoint is truncated on disk
+    with open(newest["path"], "r+b") as f:
+        f.truncate(100)
+    make_due(fi_settings, job_id)
+    assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.SUCCEEDED
+    assert Supervisor(fi_settings, IDENTITY).run(baseline_id) == Outcome.SUCCEEDED
+    # Then the job resumed from step 4, said so, and ended with the uninterrupted weights
+    kinds = [(k, m) for k, _, m in events(fi_settings, job_id)]
+    skipped = [m for k, m in kinds if k == "checkpoint_skipped"]
+    assert len(skipped) == 1 and newest["path"] in skipped[0]
+    assert any(k == "resumed" and "step 4" in m for k, m in kinds)
+    assert (
+        view(fi_settings, job_id)["result"]["weights_sha256"]
+        == view(fi_settings, baseline_id)["result"]["weights_sha256"]
+    )

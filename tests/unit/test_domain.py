@@ -1,0 +1,110 @@
+"""Pure domain rules: routing, spec validation, retry arithmetic."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from pydantic import ValidationError
+
+from app.domain import retry, routing
+from app.domain.spec import JobSpec, SpecPolicyError, check_policy
+
+
+@pytest.mark.parametrize(
+    ("memory_gb", "tier"), [(0.5, 8), (8, 8), (8.1, 16), (16, 16), (40, 40), (80, 80), (141, 141)]
+)
+def test_a_job_goes_to_the_smallest_tier_that_holds_it(memory_gb: float, tier: int) -> None:
+    assert routing.job_tier(memory_gb) == tier
+
+
+def test_memory_beyond_the_largest_tier_is_refused() -> None:
+    with pytest.raises(routing.RoutingError, match="largest GPU tier"):
+        routing.job_tier(193)
+
+
+@pytest.mark.parametrize(
+    ("measured_gib", "largest"),
+    [(15.0, 16), (22.5, 24), (79.6, 80), (39.4, 40), (140.4, 141), (7.5, 8)],
+)
+def test_cards_that_measure_less_than_their_label_serve_their_tier(
+    measured_gib: float, largest: int
+) -> None:
+    assert routing.device_tiers(measured_gib)[0] == largest
+
+
+def test_a_device_serves_largest_tiers_first_own_type_before_any() -> None:
+    queues = routing.device_queues("t4", 15.0)
+    assert queues == ["gpu.T4.16", "gpu.any.16", "gpu.T4.8", "gpu.any.8"]
+
+
+def test_device_fits() -> None:
+    assert routing.device_fits(
+        device_type="A100", device_memory_gib=80, job_type="any", job_memory_gb=40
+    )
+    assert not routing.device_fits(
+        device_type="T4", device_memory_gib=15, job_type="any", job_memory_gb=40
+    )
+    assert not routing.device_fits(
+        device_type="T4", device_memory_gib=15, job_type="A100", job_memory_gb=8
+    )
+
+
+def test_spec_routes_case_insensitively() -> None:
+    spec = JobSpec.model_validate(
+        {"framework": "torch", "resources": {"gpu_type": "a100", "memory_gb": 40}}
+    )
+    assert spec.queue == "gpu.A100.40"
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"framework": "torch", "colour": "red"}, "colour"),
+        ({"framework": "torch", "resources": {"memory_gb": -1}}, "memory_gb"),
+        ({"framework": "jax"}, "framework"),
+        ({"framework": "torch", "resources": {"gpu_count": 2}}, "not supported yet"),
+        ({"framework": "torch", "distributed_training": True}, "not supported yet"),
+        ({}, "framework"),
+        ({"framework": "torch", "entrypoint": "os.system"}, "package.module:function"),
+        ({"framework": "torch", "data": {"source": "file", "path": "../etc/x.npz"}}, ".."),
+        ({"framework": "torch", "priority": 10}, "priority"),
+        ({"framework": "torch", "resources": {"gpu_type": "A100; rm"}}, "gpu_type"),
+    ],
+)
+def test_bad_specs_are_refused_with_a_message_naming_the_problem(
+    body: dict[str, object], needle: str
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        JobSpec.model_validate(body)
+    assert needle in str(info.value)
+
+
+def test_policy_allows_only_listed_entrypoint_prefixes_and_gated_faults() -> None:
+    custom = JobSpec.model_validate({"entrypoint": "team.trainers.bert:train"})
+    check_policy(custom, entrypoint_prefixes=("team.trainers",), fault_injection=False)
+    with pytest.raises(SpecPolicyError, match="not under an allowed prefix"):
+        check_policy(custom, entrypoint_prefixes=("team.train",), fault_injection=False)
+    faulty = JobSpec.model_validate({"framework": "torch", "faults": {"step_delay_s": 1}})
+    with pytest.raises(SpecPolicyError, match="GPUFLEET_FAULT_INJECTION"):
+        check_policy(faulty, entrypoint_prefixes=(), fault_injection=False)
+    check_policy(faulty, entrypoint_prefixes=(), fault_injection=True)
+
+
+def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
+    rng = random.Random(1)
+    waits = [retry.infra_backoff(n, base=2, cap=60, rng=rng) for n in range(1, 10)]
+    for n, wait in enumerate(waits, start=1):
+        bound = min(60, 2 * 2 ** (n - 1))
+        assert bound / 2 <= wait <= bound
+    assert len({round(w, 6) for w in waits}) == len(waits)  # jittered
+
+
+def test_oom_backoff_halves_down_to_one_keeping_the_effective_batch() -> None:
+    micro, tries = 256, [256]
+    while (smaller := retry.next_micro_batch(micro)) is not None:
+        micro = smaller
+        tries.append(micro)
+    assert tries == [256, 128, 64, 32, 16, 8, 4, 2, 1]  # log2(256) + 1 tries
+    assert retry.accumulation_for(256, 64) == 4
+    assert retry.accumulation_for(100, 12) == 9  # ceil: the last micro-batch is short

@@ -1,0 +1,151 @@
+"""A worker claims one device of its host, and keeps it while it lives.
+
+Devices are leased like jobs: a row claimed with ``FOR UPDATE SKIP LOCKED``, kept by a
+heartbeat, free again once the heartbeat stops. N identical replicas on one host (``docker
+compose up --scale worker=N``) therefore take N different GPUs, and the N+1st waits, saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from app import health
+from app.db import devices as device_rows
+from app.db.session import session_scope
+from app.settings import Settings
+from workers.devices import GpuDevice
+
+log = logging.getLogger(__name__)
+
+#: how often a waiting worker tries again, and how often it says why it waits.
+CLAIM_RETRY_S = 1.0
+WAIT_NOTICE_S = 10.0
+
+
+def as_record(device: GpuDevice, host: str) -> device_rows.DeviceRecord:
+    return device_rows.DeviceRecord(
+        uuid=device.uuid,
+        host=host,
+        index=device.index,
+        name=device.name,
+        gpu_type=device.gpu_type,
+        memory_bytes=device.memory_bytes,
+        pci_bus_id=device.pci_bus_id,
+        simulated=device.simulated,
+    )
+
+
+def register(settings: Settings, devices: list[GpuDevice]) -> None:
+    with session_scope(settings.database_url) as session:
+        device_rows.register_devices(
+            session=session, devices=[as_record(d, settings.hostname) for d in devices]
+        )
+
+
+def claim_one(
+    settings: Settings,
+    devices: list[GpuDevice],
+    worker: str,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> GpuDevice | None:
+    """Block until one of ``devices`` is claimed (or ``should_stop``). Says why it waits."""
+    by_uuid = {d.uuid: d for d in devices}
+    last_notice = 0.0
+    while not should_stop():
+        try:
+            with session_scope(settings.database_url) as session:
+                claimed = device_rows.claim_device(
+                    session=session, uuids=list(by_uuid), worker=worker, ttl=settings.lease_ttl
+                )
+                holders = (
+                    {} if claimed else device_rows.holders(session=session, uuids=list(by_uuid))
+                )
+        except SQLAlchemyError as exc:
+            log.warning("cannot reach the database to claim a device: %s", exc)
+            claimed, holders = None, {}
+        if claimed is not None:
+            return by_uuid[claimed]
+        if time.monotonic() - last_notice >= WAIT_NOTICE_S:
+            last_notice = time.monotonic()
+            held = ", ".join(
+                f"{d.gpu_type}#{d.index} by {holders.get(u)}" for u, d in by_uuid.items()
+            )
+            log.warning(
+                "waiting for a device: all %d GPUs of host %s are held by live workers (%s)",
+                len(devices),
+                settings.hostname,
+                held,
+            )
+        time.sleep(CLAIM_RETRY_S)
+    return None
+
+
+def rename_claim(settings: Settings, device: GpuDevice, *, old: str, new: str) -> None:
+    """Name the claim after the Celery node once we know which device we got."""
+    with session_scope(settings.database_url) as session:
+        if not device_rows.rename_claim(session=session, uuid=device.uuid, old=old, new=new):
+            raise RuntimeError(f"lost the claim on {device.uuid} right after taking it")
+
+
+def release(settings: Settings, device: GpuDevice, worker: str) -> None:
+    try:
+        with session_scope(settings.database_url) as session:
+            device_rows.release_device(session=session, uuid=device.uuid, worker=worker)
+    except SQLAlchemyError as exc:  # it expires by itself
+        log.warning("could not release device %s: %s", device.uuid, exc)
+
+
+def take_worker_down(reason: str) -> None:
+    """A worker that lost its device, or whose keeper thread died, must not go on taking jobs."""
+    log.critical("stopping this worker: %s", reason)
+    os.kill(os.getpid(), signal.SIGTERM)
+    # Celery's warm shutdown waits for the running job; give it the lease's time, then go.
+    threading.Timer(60.0, lambda: os._exit(70)).start()
+
+
+class DeviceKeeper(threading.Thread):
+    """Renews the device claim every heartbeat interval; losing it stops the worker, loudly."""
+
+    def __init__(self, settings: Settings, device: GpuDevice, worker: str) -> None:
+        super().__init__(name="device-keeper", daemon=True)
+        self.settings = settings
+        self.device = device
+        self.worker = worker
+        self.stopping = threading.Event()
+        self._last_renewed = time.monotonic()
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.wait(self.settings.heartbeat_interval):
+                if not self._renew():
+                    take_worker_down(f"lost the claim on device {self.device.uuid}")
+                    return
+        except Exception as exc:
+            log.exception("device keeper crashed")
+            take_worker_down(f"device keeper crashed: {exc!r}")
+
+    def _renew(self) -> bool:
+        try:
+            with session_scope(self.settings.database_url) as session:
+                kept = device_rows.heartbeat_device(
+                    session=session,
+                    uuid=self.device.uuid,
+                    worker=self.worker,
+                    ttl=self.settings.lease_ttl,
+                )
+        except SQLAlchemyError as exc:
+            silent = time.monotonic() - self._last_renewed
+            log.warning("device heartbeat failed (%.1fs without renewal): %s", silent, exc)
+            return silent < self.settings.lease_ttl
+        if kept:
+            self._last_renewed = time.monotonic()
+            health.touch("worker")
+        return kept

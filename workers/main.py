@@ -1,0 +1,89 @@
+"""``gpufleet worker``: claim one GPU of this host, then consume the queues that fit it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from app.domain.routing import device_queues
+from app.settings import Settings
+from workers import claim
+from workers.devices import GpuDevice, discover, sampler_for
+from workers.telemetry import TelemetryLoop
+
+log = logging.getLogger(__name__)
+
+
+class NoDevices(RuntimeError):
+    """This host has no GPU (no NVIDIA driver) and GPUFLEET_FAKE_GPUS is not set"""
+
+
+def worker_name(settings: Settings, device: GpuDevice) -> str:
+    """Celery node name: unique per device, readable in Flower (``A100-0@host``)."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", settings.hostname)
+    return f"{device.gpu_type}-{device.index}@{host}"
+
+
+def pin_device(device: GpuDevice, worker: str) -> None:
+    """Make the claimed GPU the only one CUDA sees, before anything touches CUDA."""
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    if not device.simulated:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.uuid
+    os.environ["GPUFLEET_WORKER_NAME"] = worker
+    os.environ["GPUFLEET_DEVICE_UUID"] = device.uuid
+    os.environ["GPUFLEET_DEVICE_SIMULATED"] = "1" if device.simulated else "0"
+
+
+def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
+    devices = discover(fake_gpus=settings.fake_gpus or None, host=settings.hostname)
+    if not devices:
+        raise NoDevices()
+    claim.register(settings, devices)
+    pending_name = f"pending-{os.getpid()}@{settings.hostname}"
+    device = claim.claim_one(settings, devices, pending_name)
+    assert device is not None
+    name = worker_name(settings, device)
+    # Re-claim under the final name (same row, same transaction semantics: we hold it).
+    claim.rename_claim(settings, device, old=pending_name, new=name)
+    pin_device(device, name)
+    queues = device_queues(device.gpu_type, device.memory_gib)
+    log.info(
+        "claimed %s (%s, %.1f GiB%s) as %s; consuming %s",
+        device.uuid,
+        device.name,
+        device.memory_gib,
+        ", simulated" if device.simulated else "",
+        name,
+        ",".join(queues),
+    )
+    from workers.celery_app import app
+
+    keeper = claim.DeviceKeeper(settings, device, name)
+    telemetry = TelemetryLoop(settings, device, name, sampler_for([device]), celery_app=app)
+    keeper.start()
+    telemetry.start()
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--hostname",
+                name,
+                "--queues",
+                ",".join(queues),
+                "--pool",
+                "prefork",
+                "--concurrency",
+                "1",
+                "--loglevel",
+                loglevel,
+                "--task-events",
+                "--without-mingle",
+                "--without-gossip",
+            ]
+        )
+    finally:
+        keeper.stopping.set()
+        telemetry.stopping.set()
+        claim.release(settings, device, name)
+    return 0

@@ -1,0 +1,98 @@
+"""``gpufleet reaper``: takes back what silent workers and a forgetful broker lost.
+
+Every ``reaper_interval``: expired leases are closed and their jobs requeued (or failed when
+their attempts are spent), queued jobs whose wake-up is missing or old are dispatched again
+(the outbox), and devices whose worker stopped heartbeating are freed. Any number of reapers
+may run: every pass is bounded and skips rows another reaper has locked.
+
+After losing the database and getting it back, the reaper reaps no lease for one
+``lease_ttl``: every lease looks expired after an outage, and workers need that long to renew.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from app import health
+from app.db import reaping
+from app.db.session import session_scope
+from app.domain.states import JobStatus
+from app.queue import Dispatcher
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassReport:
+    reaped: list[reaping.Reaped] = field(default_factory=list)
+    dispatched: int = 0
+    devices_freed: int = 0
+    quiet: bool = False  #: leases were not reaped (post-outage grace)
+
+
+class Reaper:
+    def __init__(self, settings: Settings, dispatcher: Dispatcher | None = None) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher or Dispatcher(settings)
+        self._db_lost = False
+        self._quiet_until = 0.0
+
+    def pass_once(self) -> PassReport:
+        report = PassReport()
+        try:
+            self._reap(report)
+        except SQLAlchemyError as exc:
+            if not self._db_lost:
+                log.error("reaper lost the database: %s", exc)
+            self._db_lost = True
+            return report
+        return report
+
+    def _reap(self, report: PassReport) -> None:
+        url, limit = self.settings.database_url, self.settings.reaper_batch
+        if self._db_lost:
+            with session_scope(url) as session:  # raises again while it is still down
+                session.connection()
+            self._db_lost = False
+            self._quiet_until = time.monotonic() + self.settings.lease_ttl
+            log.warning(
+                "database is back; reaping no lease for %.0fs so workers can renew",
+                self.settings.lease_ttl,
+            )
+        report.quiet = time.monotonic() < self._quiet_until
+        if not report.quiet:
+            with session_scope(url) as session:
+                report.reaped = reaping.reap_expired_leases(
+                    session=session, grace=self.settings.reaper_grace, limit=limit
+                )
+        for r in report.reaped:
+            log.warning("job %s: lease of epoch %s expired; now %s", r.job_id, r.epoch, r.status)
+            if r.status == JobStatus.QUEUED:
+                self.dispatcher.dispatch(job_id=r.job_id, queue=r.queue, priority=r.priority)
+        with session_scope(url) as session:
+            due = reaping.claim_due_dispatches(
+                session=session, redispatch_after=self.settings.redispatch_after, limit=limit
+            )
+        for job in due:
+            self.dispatcher.dispatch(job_id=job.job_id, queue=job.queue, priority=job.priority)
+        report.dispatched = len(due)
+        with session_scope(url) as session:
+            freed = reaping.free_dead_devices(session=session, limit=limit)
+        for uuid in freed:
+            log.warning("device %s: its worker stopped heartbeating; freed", uuid)
+        report.devices_freed = len(freed)
+
+    def run_forever(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        log.info("reaper running every %.1fs", self.settings.reaper_interval)
+        while not stop.is_set():
+            started = time.monotonic()
+            self.pass_once()
+            health.touch("reaper")
+            stop.wait(max(0.0, self.settings.reaper_interval - (time.monotonic() - started)))
