@@ -86,3 +86,13 @@ class Dispatcher:
         """Raise if the broker cannot be reached."""
         with self._app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
+
+
+def __getattr__(name: str) -> Celery:
+    """``celery -A app.queue:flower_app flower``: Flower with the fleet's transport options
+    (priority steps, separator), without importing worker code."""
+    if name == "flower_app":
+        from app.settings import get_settings
+
+        return make_sender(get_settings())
+    raise AttributeError(name)

@@ -143,8 +143,8 @@ def test_flower_lists_the_workers_and_the_tasks_they_ran(fleet: Fleet) -> None:
             sys.executable,
             "-m",
             "celery",
-            "--broker",
-            env["GPUFLEET_BROKER_URL"],
+            "-A",
+            "app.queue:flower_app",
             "flower",
             f"--port={port}",
             "--address=127.0.0.1",
@@ -176,7 +176,7 @@ def test_flower_lists_the_workers_and_the_tasks_they_ran(fleet: Fleet) -> None:
         tasks = wait_for(seen, timeout=30, what="flower to list the task")
         assert tasks[0]["worker"].startswith("A100-0@host-a")
         workers = httpx.get(f"{base}/api/workers?refresh=1", auth=auth, timeout=15).json()
-        assert any(name.startswith("A100-0@host-a") for name in workers)
+        assert any(name.startswith("A100-0@host-a") for name in workers), workers
     finally:
         os.killpg(flower.pid, signal.SIGKILL)
         flower.wait()
