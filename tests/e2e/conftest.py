@@ -34,7 +34,8 @@ def broker_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def fleet(db_url: str, broker_url: str, tmp_path: Path) -> Iterator[Fleet]:
+def fleet_env(db_url: str, broker_url: str, tmp_path: Path) -> dict[str, str]:
+    """The environment of every process of an end-to-end fleet."""
     env = {
         key: value
         for key, value in os.environ.items()
@@ -52,7 +53,12 @@ def fleet(db_url: str, broker_url: str, tmp_path: Path) -> Iterator[Fleet]:
             "PYTHONUNBUFFERED": "1",
         }
     )
-    fleet = Fleet(env=env, workdir=tmp_path)
+    return env
+
+
+@pytest.fixture
+def fleet(fleet_env: dict[str, str], tmp_path: Path) -> Iterator[Fleet]:
+    fleet = Fleet(env=fleet_env, workdir=tmp_path)
     try:
         yield fleet
     finally:
