@@ -29,7 +29,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from sqlalchemy.exc import SQLAlchemyError
+import tenacity
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.db import devices as device_rows
@@ -111,6 +112,23 @@ class Supervisor:
         with self._session() as session:
             return fn(session)
 
+    def _db_durable(self, fn: Callable[[Session], T]) -> T:
+        """A write that ends a trainer run (finish, retry, OOM backoff), retried while the
+        database is unreachable, for as long as the lease would survive without a heartbeat.
+        Giving up leaves the lease to expire and the reaper to requeue the job."""
+        budget = self.settings.lease_ttl - 2 * self.settings.heartbeat_interval
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(OperationalError),
+            stop=tenacity.stop_after_delay(max(budget, 0.0)),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=2.0),
+            before_sleep=lambda state: log.warning(
+                "database unreachable (%s); retrying", state.outcome and state.outcome.exception()
+            ),
+            reraise=True,
+        )
+        result: T = retrying(self._db, fn)
+        return result
+
     # -- the job ---------------------------------------------------------------------------
 
     def run(self, job_id: uuid.UUID) -> Outcome:
@@ -179,7 +197,7 @@ class Supervisor:
                     return self._finish_failed(
                         grant, ErrorKind.OOM, f"out of memory even at micro-batch 1: {message}"
                     )
-                stored = self._db(
+                stored = self._db_durable(
                     functools.partial(
                         _record_backoff,
                         job_id=job_id,
@@ -214,7 +232,7 @@ class Supervisor:
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
     ) -> Outcome:
-        done = self._db(
+        done = self._db_durable(
             lambda s: leases.finish(
                 session=s,
                 job_id=grant.job_id,
@@ -233,7 +251,7 @@ class Supervisor:
 
     def _requeue(self, grant: leases.LeaseGrant, message: str) -> Outcome:
         backoff = infra_backoff(grant.attempt)
-        status = self._db(
+        status = self._db_durable(
             lambda s: leases.requeue_for_retry(
                 session=s,
                 job_id=grant.job_id,

@@ -1,6 +1,7 @@
 """The worker's side of a job: win a lease, then write only while the lease's epoch is current.
 
 Every function here is one conditional statement (plus its event row in the same transaction).
+Winning the lease, for one, bumps the job's epoch and inserts the lease row in one statement.
 A fenced write returns a falsy value when the lease is gone — the job was reaped, cancelled
 and finished, or taken by someone else — and the caller must stop the job at once.
 """
@@ -41,29 +42,29 @@ def acquire_lease(
     row = session.execute(
         text(
             """
-            UPDATE jobs SET status = 'running', epoch = epoch + 1, attempts = attempts + 1,
-                   started_at = coalesce(started_at, now()), retry_at = NULL,
-                   dispatched_at = NULL
-             WHERE id = :job_id AND status = 'queued' AND NOT cancel_requested
-               AND (retry_at IS NULL OR retry_at <= now())
-            RETURNING epoch, attempts, max_attempts, spec, micro_batch
+            WITH won AS (
+                UPDATE jobs SET status = 'running', epoch = epoch + 1,
+                       attempts = attempts + 1, started_at = coalesce(started_at, now()),
+                       retry_at = NULL, dispatched_at = NULL
+                 WHERE id = :job_id AND status = 'queued' AND NOT cancel_requested
+                   AND (retry_at IS NULL OR retry_at <= now())
+                RETURNING id, epoch, attempts, max_attempts, spec, micro_batch)
+            INSERT INTO leases (job_id, epoch, worker, device_uuid, acquired_at, heartbeat_at,
+                                expires_at)
+            SELECT id, epoch, :worker, :device, now(), now(),
+                   now() + make_interval(secs => :ttl)
+              FROM won
+            RETURNING epoch,
+                      (SELECT attempts FROM won) AS attempts,
+                      (SELECT max_attempts FROM won) AS max_attempts,
+                      (SELECT spec FROM won) AS spec,
+                      (SELECT micro_batch FROM won) AS micro_batch
             """
         ),
-        {"job_id": job_id},
+        {"job_id": job_id, "worker": worker, "device": device_uuid, "ttl": ttl},
     ).one_or_none()
     if row is None:
         return None
-    session.execute(
-        text(
-            """
-            INSERT INTO leases (job_id, epoch, worker, device_uuid, acquired_at, heartbeat_at,
-                                expires_at)
-            VALUES (:job_id, :epoch, :worker, :device, now(), now(),
-                    now() + make_interval(secs => :ttl))
-            """
-        ),
-        {"job_id": job_id, "epoch": row.epoch, "worker": worker, "device": device_uuid, "ttl": ttl},
-    )
     add_event(
         session=session,
         job_id=job_id,
@@ -206,14 +207,15 @@ def add_fenced_event(
     data: dict[str, Any] | None = None,
 ) -> bool:
     """An event from the lease holder, written only while it still holds the lease."""
-    live = session.scalar(
-        text(f"SELECT j.id FROM jobs j WHERE {FENCE} FOR SHARE"),
-        {"job_id": job_id, "epoch": epoch},
-    )
-    if live is None:
-        return False
-    add_event(session=session, job_id=job_id, kind=kind, epoch=epoch, message=message, data=data)
-    return True
+    stmt = text(
+        f"""
+        INSERT INTO job_events (job_id, kind, epoch, message, data)
+        SELECT j.id, :kind, :epoch, :message, :data FROM jobs j WHERE {FENCE}
+        RETURNING id
+        """
+    ).bindparams(bindparam("data", type_=JSONB))
+    params = {"job_id": job_id, "epoch": epoch, "kind": kind.value, "message": message}
+    return session.scalar(stmt, {**params, "data": data}) is not None
 
 
 _OUTCOME_EVENT = {

@@ -203,3 +203,35 @@ def test_a_corrupt_latest_checkpoint_is_skipped_for_the_one_before(
         view(fi_settings, job_id)["result"]["weights_sha256"]
         == view(fi_settings, baseline_id)["result"]["weights_sha256"]
     )
+
+
+def test_a_supervisor_that_cannot_renew_kills_its_trainer_before_the_lease_expires(
+    fi_settings: Settings,
+) -> None:
+    from tests.outage import CuttableProxy
+
+    # Given a job running through a database connection that is about to go away
+    proxy = CuttableProxy(("127.0.0.1", 5432))
+    through_proxy = fi_settings.model_copy(
+        update={"database_url": fi_settings.database_url.replace(":5432/", f":{proxy.port}/")}
+    )
+    job_id = submit(fi_settings, spec(faults={"step_delay_s": 0.2}, training={"epochs": 50}))
+    outcome: list[Outcome] = []
+    runner = threading.Thread(
+        target=lambda: outcome.append(Supervisor(through_proxy, IDENTITY).run(job_id))
+    )
+    runner.start()
+    deadline = time.monotonic() + 60
+    while (view(fi_settings, job_id)["progress"] or {}).get("step", 0) < 2:
+        assert time.monotonic() < deadline, "the job never made progress"
+        time.sleep(0.1)
+    # When the database becomes unreachable
+    cut_at = time.monotonic()
+    proxy.cut()
+    runner.join(timeout=30)
+    stopped_after = time.monotonic() - cut_at
+    # Then the supervisor stops its trainer on its own, before the lease can expire
+    assert outcome == [Outcome.LEASE_LOST]
+    assert stopped_after < fi_settings.lease_ttl, stopped_after
+    # And the job is left running under a lease that expires, for the reaper to requeue
+    assert view(fi_settings, job_id)["status"] == "running"

@@ -1,0 +1,68 @@
+"""The reaper on a real Postgres and Redis: requeue and dispatch, and its post-outage grace."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import redis
+from sqlalchemy import text
+
+from app.db import leases
+from app.db.jobs import submit_job
+from app.db.session import session_scope
+from app.domain.spec import JobSpec
+from app.settings import Settings
+from workers.reaper import Reaper
+
+SPEC = JobSpec.model_validate({"framework": "torch"})
+
+
+def _running_job_with_expired_lease(settings: Settings) -> uuid.UUID:
+    with session_scope(settings.database_url) as s:
+        job_id = submit_job(session=s, tenant="t", spec=SPEC).job_id
+        leases.acquire_lease(session=s, job_id=job_id, worker="w", device_uuid=None, ttl=60)
+        s.execute(
+            text("UPDATE leases SET expires_at = now() - interval '1 s' WHERE job_id = :j"),
+            {"j": job_id},
+        )
+    return job_id
+
+
+def _status(settings: Settings, job_id: uuid.UUID) -> str:
+    with session_scope(settings.database_url) as s:
+        status: str = s.scalar(text("SELECT status FROM jobs WHERE id = :j"), {"j": job_id})
+        return status
+
+
+def test_a_pass_requeues_expired_leases_and_sends_their_wake_up(
+    settings: Settings, redis_url: str
+) -> None:
+    job_id = _running_job_with_expired_lease(settings)
+    report = Reaper(settings).pass_once()
+    assert [r.job_id for r in report.reaped] == [job_id]
+    assert _status(settings, job_id) == "queued"
+    message = redis.Redis.from_url(redis_url).lpop("gpu.any.8:4")
+    assert message is not None and str(job_id).encode() in message
+
+
+def test_after_losing_the_database_it_reaps_nothing_for_one_lease_ttl(
+    settings: Settings,
+) -> None:
+    # Given a reaper that lost the database (an unreachable server), then got it back
+    job_id = _running_job_with_expired_lease(settings)
+    reaper = Reaper(settings.model_copy(update={"database_url": _unreachable(settings)}))
+    assert reaper.pass_once().reaped == []
+    reaper.settings = settings
+    # Then it leaves every lease alone while workers get a lease_ttl to renew
+    report = reaper.pass_once()
+    assert report.quiet and report.reaped == []
+    assert _status(settings, job_id) == "running"
+    # And reaps as usual once that time has passed
+    time.sleep(settings.lease_ttl)
+    report = reaper.pass_once()
+    assert not report.quiet and [r.job_id for r in report.reaped] == [job_id]
+
+
+def _unreachable(settings: Settings) -> str:
+    return settings.database_url.replace("@127.0.0.1:5432", "@127.0.0.1:1")
