@@ -67,25 +67,43 @@ def _parse(ts: str) -> float:
 
 
 def test_best_fit_keeps_the_big_gpu_for_big_jobs(fleet: Fleet) -> None:
-    # Given an A100:80 and a T4:16 worker, the A100 busy with a first large job
+    # Given an A100:80 and a T4:16 worker, both busy: the A100 with a short large job, the T4
+    # with a longer small one (so the A100 frees up first)
     fleet.start_api()
     fleet.start_reaper()
     fleet.start_worker("worker-a100", fake_gpus="A100:80", host="host-a")
     fleet.start_worker("worker-t4", fake_gpus="T4:16", host="host-b")
     fleet.wait_workers_ready(2)
-    slow = {"faults": {"step_delay_s": 0.05}, "training": {"epochs": 1}}
-    first = fleet.submit(small_job(name="big-0", resources={"memory_gb": 40}, **slow))
+
+    def job(name: str, memory_gb: int, epochs: int = 1) -> str:
+        return fleet.submit(
+            small_job(
+                name=name,
+                resources={"memory_gb": memory_gb},
+                faults={"step_delay_s": 0.05},
+                training={"epochs": epochs},
+            )
+        )
+
+    first = job("big-0", 40)
     wait_for(lambda: fleet.job(first)["status"] == "running", timeout=60)
-    # When a stream of small and large jobs arrives, small ones first
-    stream = []
-    for n in range(3):
-        stream.append(
-            fleet.submit(small_job(name=f"small-{n}", resources={"memory_gb": 8}, **slow))
-        )
-        stream.append(
-            fleet.submit(small_job(name=f"big-{n + 1}", resources={"memory_gb": 40}, **slow))
-        )
-    final = fleet.wait_final([first, *stream], timeout=300)
+    second = job("small-0", 8, epochs=4)
+    wait_for(lambda: fleet.job(second)["status"] == "running", timeout=60)
+    # When a stream arrives with its small jobs first: first-come routing would hand the
+    # A100, free first, the oldest waiting job (a small one) while large ones wait
+    stream = [
+        job(name, gb)
+        for name, gb in [
+            ("small-1", 8),
+            ("small-2", 8),
+            ("big-1", 40),
+            ("big-2", 40),
+            ("small-3", 8),
+            ("big-3", 40),
+        ]
+    ]
+    stream = [first, second, *stream]
+    final = fleet.wait_final(stream, timeout=300)
     assert all(j["status"] == "succeeded" for j in final.values())
     types = {d["uuid"]: d["type"] for d in fleet.get("/v1/devices")["devices"]}
     # Then no large job waited while the A100 ran a small job the T4 could have run
@@ -101,7 +119,7 @@ def test_best_fit_keeps_the_big_gpu_for_big_jobs(fleet: Fleet) -> None:
         for ran in small_on_a100:
             overlap = min(waited[1], ran[1]) - max(waited[0], ran[0])
             assert overlap <= 0, f"{job['name']} waited while the A100 ran a small job"
-    assert sum(1 for j in final.values() if j["name"].startswith("small")) == 3
+    assert sum(1 for j in final.values() if j["name"].startswith("small")) == 4
 
 
 def test_devices_and_metrics_show_fresh_samples(fleet: Fleet) -> None:
