@@ -67,14 +67,19 @@ def db_url(template_db: str) -> Iterator[str]:
     _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    url = f"{REDIS_URL}/{REDIS_TEST_DB}"
+def flushed_redis(db: int) -> Iterator[str]:
+    """A Redis database emptied before and after the test."""
+    url = f"{REDIS_URL}/{db}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    yield from flushed_redis(REDIS_TEST_DB)
 
 
 @pytest.fixture

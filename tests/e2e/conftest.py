@@ -5,9 +5,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
-from tests.conftest import REDIS_URL
+from tests.conftest import flushed_redis
 from tests.e2e.fleet import Fleet
 
 #: Redis database of the end-to-end fleet (in-process tests use another).
@@ -25,12 +24,7 @@ E2E_TIMINGS = {
 
 @pytest.fixture
 def broker_url() -> Iterator[str]:
-    url = f"{REDIS_URL}/{E2E_REDIS_DB}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    yield from flushed_redis(E2E_REDIS_DB)
 
 
 @pytest.fixture

@@ -130,6 +130,33 @@ class Fleet:
             name, ["worker"], {"GPUFLEET_FAKE_GPUS": fake_gpus, "GPUFLEET_HOSTNAME": host}
         )
 
+    def start_a100_and_t4(self) -> dict[str, Proc]:
+        """API, reaper, an ``A100:80`` worker on host-a and a ``T4:16`` worker on host-b."""
+        self.start_api()
+        self.start_reaper()
+        workers = {
+            "host-a": self.start_worker("worker-a100", fake_gpus="A100:80", host="host-a"),
+            "host-b": self.start_worker("worker-t4", fake_gpus="T4:16", host="host-b"),
+        }
+        self.wait_workers_ready(2)
+        return workers
+
+    def start_two_a100s(self) -> dict[str, Proc]:
+        """API, reaper and two ``A100:80`` workers on host-1 and host-2, keyed by host."""
+        self.start_api()
+        self.start_reaper()
+        workers = {
+            host: self.start_worker(f"worker-{host}", fake_gpus="A100:80", host=host)
+            for host in ("host-1", "host-2")
+        }
+        self.wait_workers_ready(2)
+        return workers
+
+    def holder(self, job_id: str, workers: dict[str, Proc]) -> Proc:
+        """The worker process that holds the job's lease (waits for one)."""
+        lease = wait_for(lambda: self.job(job_id)["lease"], timeout=60, what="a lease")
+        return workers[lease["worker"].rsplit("@", 1)[1]]
+
     def wait_workers_ready(self, count: int, timeout: float = 60) -> None:
         def ready() -> bool:
             devices = self.get("/v1/devices")["devices"]

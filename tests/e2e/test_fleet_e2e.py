@@ -69,11 +69,7 @@ def _parse(ts: str) -> float:
 def test_best_fit_keeps_the_big_gpu_for_big_jobs(fleet: Fleet) -> None:
     # Given an A100:80 and a T4:16 worker, both busy: the A100 with a short large job, the T4
     # with a longer small one (so the A100 frees up first)
-    fleet.start_api()
-    fleet.start_reaper()
-    fleet.start_worker("worker-a100", fake_gpus="A100:80", host="host-a")
-    fleet.start_worker("worker-t4", fake_gpus="T4:16", host="host-b")
-    fleet.wait_workers_ready(2)
+    fleet.start_a100_and_t4()
 
     def job(name: str, memory_gb: int, epochs: int = 1) -> str:
         return fleet.submit(
@@ -123,11 +119,7 @@ def test_best_fit_keeps_the_big_gpu_for_big_jobs(fleet: Fleet) -> None:
 
 
 def test_devices_and_metrics_show_fresh_samples(fleet: Fleet) -> None:
-    fleet.start_api()
-    fleet.start_reaper()
-    fleet.start_worker("worker-a100", fake_gpus="A100:80", host="host-a")
-    fleet.start_worker("worker-t4", fake_gpus="T4:16", host="host-b")
-    fleet.wait_workers_ready(2)
+    fleet.start_a100_and_t4()
     job_id = fleet.submit(small_job(faults={"step_delay_s": 0.05}))
     wait_for(lambda: fleet.job(job_id)["status"] == "running", timeout=60)
     interval = 1.0  # GPUFLEET_TELEMETRY_INTERVAL of the e2e fleet

@@ -21,21 +21,13 @@ pytestmark = pytest.mark.e2e
 RECOVERY_S = 3 + 0.5 + 15
 
 
-def _two_host_fleet(fleet: Fleet) -> None:
-    fleet.start_api()
-    fleet.start_reaper()
-    fleet.start_worker("worker-a100", fake_gpus="A100:80", host="host-a")
-    fleet.start_worker("worker-t4", fake_gpus="T4:16", host="host-b")
-    fleet.wait_workers_ready(2)
-
-
 def _device_types(fleet: Fleet) -> dict[str, str]:
     return {d["uuid"]: d["type"] for d in fleet.get("/v1/devices")["devices"]}
 
 
 def test_mixed_jobs_all_succeed_on_devices_that_fit(fleet: Fleet) -> None:
     # Given an A100:80 worker and a T4:16 worker
-    _two_host_fleet(fleet)
+    fleet.start_a100_and_t4()
     # When ten jobs of mixed requirements are submitted
     mixes = [
         {"gpu_type": "any", "memory_gb": 4},
@@ -74,28 +66,16 @@ def _long_job(**overrides: object) -> dict[str, object]:
     )
 
 
-def _worker_of(fleet: Fleet, job_id: str) -> str:
-    lease = wait_for(lambda: fleet.job(job_id)["lease"], timeout=60, what="a lease")
-    worker: str = lease["worker"]
-    return worker
-
-
 def test_killed_worker_job_finishes_elsewhere(fleet: Fleet) -> None:
     # Given two A100 workers and a long job running on one of them
-    fleet.start_api()
-    fleet.start_reaper()
-    procs = {
-        "w1": fleet.start_worker("worker-1", fake_gpus="A100:80", host="host-1"),
-        "w2": fleet.start_worker("worker-2", fake_gpus="A100:80", host="host-2"),
-    }
-    fleet.wait_workers_ready(2)
+    workers = fleet.start_two_a100s()
     job_id = fleet.submit(_long_job())
-    holder = _worker_of(fleet, job_id)
+    holder = fleet.holder(job_id, workers)
     wait_for(lambda: (fleet.job(job_id)["progress"] or {}).get("step", 0) >= 15, timeout=60)
-    victim = procs["w1"] if holder.endswith("@host-1") else procs["w2"]
+    first_worker = fleet.job(job_id)["lease"]["worker"]
     # When its whole process tree is killed with SIGKILL
     killed_at = time.monotonic()
-    victim.signal_tree(signal.SIGKILL)
+    holder.signal_tree(signal.SIGKILL)
     # Then the reaper requeues it within lease_ttl + reaper_interval
     wait_for(
         lambda: fleet.job(job_id)["attempts"] == 2,
@@ -108,7 +88,7 @@ def test_killed_worker_job_finishes_elsewhere(fleet: Fleet) -> None:
     assert job["status"] == "succeeded"
     assert job["attempts"] == 2
     assert [lease["outcome"] for lease in job["leases"]] == ["expired", "succeeded"]
-    assert job["leases"][1]["worker"] != holder
+    assert job["leases"][1]["worker"] != first_worker
 
 
 def test_flushall_loses_no_job(fleet: Fleet, broker_url: str) -> None:
@@ -129,7 +109,7 @@ def test_flushall_loses_no_job(fleet: Fleet, broker_url: str) -> None:
 
 def test_duplicate_deliveries_run_once(fleet: Fleet, db_url: str, broker_url: str) -> None:
     # Given two workers and a job
-    _two_host_fleet(fleet)
+    fleet.start_a100_and_t4()
     job_id = fleet.submit(small_job())
     # When its wake-up is delivered five more times
     dispatcher = Dispatcher(Settings(database_url=db_url, broker_url=broker_url))
@@ -149,17 +129,11 @@ def test_duplicate_deliveries_run_once(fleet: Fleet, db_url: str, broker_url: st
 
 def test_worker_whose_lease_was_taken_stops_writing(fleet: Fleet, db_url: str) -> None:
     # Given two workers and a long job on one of them
-    fleet.start_api()
-    fleet.start_reaper()
-    procs = {
-        "w1": fleet.start_worker("worker-1", fake_gpus="A100:80", host="host-1"),
-        "w2": fleet.start_worker("worker-2", fake_gpus="A100:80", host="host-2"),
-    }
-    fleet.wait_workers_ready(2)
+    workers = fleet.start_two_a100s()
     job_id = fleet.submit(_long_job())
-    holder = _worker_of(fleet, job_id)
+    holder = fleet.holder(job_id, workers)
     wait_for(lambda: (fleet.job(job_id)["progress"] or {}).get("step", 0) >= 10, timeout=60)
-    frozen = procs["w1"] if holder.endswith("@host-1") else procs["w2"]
+    frozen = holder
     trainers = [p for p in frozen.tree() if "workers.trainers.main" in cmdline(p)]
     assert trainers, "the holder runs a trainer process"
     # When it is frozen past its lease, and the job is taken over

@@ -4,34 +4,21 @@ custom entrypoints."""
 from __future__ import annotations
 
 import signal
-from typing import Any
 
 import pytest
 
-from tests.e2e.fleet import Fleet, small_job, wait_for
+from tests.e2e.fleet import Fleet, Proc, small_job, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
-def _two_workers(fleet: Fleet) -> dict[str, Any]:
-    fleet.start_api()
-    fleet.start_reaper()
-    procs = {
-        "host-1": fleet.start_worker("worker-1", fake_gpus="A100:80", host="host-1"),
-        "host-2": fleet.start_worker("worker-2", fake_gpus="A100:80", host="host-2"),
-    }
-    fleet.wait_workers_ready(2)
-    return procs
-
-
-def _kill_after_second_checkpoint(fleet: Fleet, procs: dict[str, Any], job_id: str) -> None:
+def _kill_after_second_checkpoint(fleet: Fleet, workers: dict[str, Proc], job_id: str) -> None:
     wait_for(
         lambda: (fleet.job(job_id)["checkpoint"] or {}).get("step", 0) >= 20,
         timeout=120,
         what="the second checkpoint",
     )
-    holder = fleet.job(job_id)["lease"]["worker"]
-    procs[holder.rsplit("@", 1)[1]].signal_tree(signal.SIGKILL)
+    fleet.holder(job_id, workers).signal_tree(signal.SIGKILL)
 
 
 @pytest.mark.parametrize(
@@ -39,12 +26,12 @@ def _kill_after_second_checkpoint(fleet: Fleet, procs: dict[str, Any], job_id: s
 )
 def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(fleet: Fleet, framework: str) -> None:
     # Given a job killed with SIGKILL right after its second checkpoint
-    procs = _two_workers(fleet)
+    workers = fleet.start_two_a100s()
     training = {"epochs": 4, "checkpoint_every_steps": 10}
     job_id = fleet.submit(
         small_job(framework=framework, training=training, faults={"step_delay_s": 0.1})
     )
-    _kill_after_second_checkpoint(fleet, procs, job_id)
+    _kill_after_second_checkpoint(fleet, workers, job_id)
     # And the same job run without interruption
     reference_id = fleet.submit(small_job(framework=framework, training=training))
     final = fleet.wait_final([job_id, reference_id], timeout=240)
@@ -60,7 +47,7 @@ def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(fleet: Fleet, fram
 
 @pytest.mark.tensorflow
 def test_tensorflow_and_torch_jobs_run_side_by_side(fleet: Fleet) -> None:
-    _two_workers(fleet)
+    fleet.start_two_a100s()
     tf_job = fleet.submit(small_job(framework="tensorflow", faults={"step_delay_s": 0.05}))
     torch_job = fleet.submit(small_job(framework="torch", faults={"step_delay_s": 0.05}))
     final = fleet.wait_final([tf_job, torch_job], timeout=240)
@@ -70,7 +57,7 @@ def test_tensorflow_and_torch_jobs_run_side_by_side(fleet: Fleet) -> None:
 
 
 def test_a_custom_entrypoint_trains_through_the_fleet(fleet: Fleet) -> None:
-    _two_workers(fleet)
+    fleet.start_two_a100s()
     job_id = fleet.submit(small_job(framework=None, entrypoint="tests.custom_trainers.toy:train"))
     job = fleet.wait_final([job_id], timeout=120)[job_id]
     assert job["status"] == "succeeded", job["error"]
