@@ -82,6 +82,22 @@ class Dispatcher:
             return False
         return True
 
+    def pending(self, queue: str) -> int | None:
+        """Wake-ups waiting in the broker for ``queue`` (every priority step), or None if the
+        broker cannot say. Kombu's Redis transport keeps a list per queue and step:
+        ``<queue>`` for step 0, ``<queue>:<step>`` for the others."""
+        keys = [queue] + [f"{queue}:{step}" for step in PRIORITY_STEPS if step]
+        try:
+            with self._app.connection_for_write() as conn:
+                client = conn.default_channel.client
+                pipe = client.pipeline()
+                for key in keys:
+                    pipe.llen(key)
+                return int(sum(pipe.execute()))
+        except Exception as exc:  # the broker is down: the caller decides without it
+            log.warning("cannot read the depth of %s from the broker: %s", queue, exc)
+            return None
+
     def ping(self) -> None:
         """Raise if the broker cannot be reached."""
         with self._app.connection_for_write() as conn:

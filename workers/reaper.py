@@ -75,18 +75,42 @@ class Reaper:
             log.warning("job %s: lease of epoch %s expired; now %s", r.job_id, r.epoch, r.status)
             if r.status == JobStatus.QUEUED:
                 self.dispatcher.dispatch(job_id=r.job_id, queue=r.queue, priority=r.priority)
-        with session_scope(url) as session:
-            due = reaping.claim_due_dispatches(
-                session=session, redispatch_after=self.settings.redispatch_after, limit=limit
-            )
-        for job in due:
-            self.dispatcher.dispatch(job_id=job.job_id, queue=job.queue, priority=job.priority)
-        report.dispatched = len(due)
+        report.dispatched = self._redispatch_lost()
         with session_scope(url) as session:
             freed = reaping.free_dead_devices(session=session, limit=limit)
         for uuid in freed:
             log.warning("device %s: its worker stopped heartbeating; freed", uuid)
         report.devices_freed = len(freed)
+
+    def _redispatch_lost(self) -> int:
+        """Send again the wake-ups the broker no longer holds.
+
+        Per queue, the broker should hold at least one message per due queued job; when it
+        holds fewer (Redis lost them, the API died before sending, a retry came due), the
+        difference is sent again, oldest dispatch first. Comparing counts instead of re-sending
+        every old wake-up keeps a long queue from filling the broker with duplicates. When the
+        broker cannot say, every wake-up older than ``redispatch_after`` is sent again.
+        """
+        url, limit = self.settings.database_url, self.settings.reaper_batch
+        with session_scope(url) as session:
+            due = reaping.due_per_queue(session=session)
+        sent = 0
+        for queue, count in due.items():
+            pending = self.dispatcher.pending(queue)
+            missing = count if pending is None else count - pending
+            if missing <= 0:
+                continue
+            with session_scope(url) as session:
+                jobs = reaping.claim_due_dispatches(
+                    session=session,
+                    redispatch_after=self.settings.redispatch_after,
+                    limit=min(missing, limit),
+                    queue=queue,
+                )
+            for job in jobs:
+                self.dispatcher.dispatch(job_id=job.job_id, queue=job.queue, priority=job.priority)
+            sent += len(jobs)
+        return sent
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()

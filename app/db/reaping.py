@@ -93,13 +93,29 @@ def reap_expired_leases(*, session: Session, grace: float, limit: int) -> list[R
     return reaped
 
 
+def due_per_queue(*, session: Session) -> dict[str, int]:
+    """How many queued jobs are due (may run now) in each queue."""
+    rows = session.execute(
+        text(
+            """
+            SELECT queue, count(*) AS n FROM jobs
+             WHERE status = 'queued' AND NOT cancel_requested
+               AND (retry_at IS NULL OR retry_at <= now())
+             GROUP BY queue
+            """
+        )
+    ).all()
+    return {r.queue: r.n for r in rows}
+
+
 def claim_due_dispatches(
-    *, session: Session, redispatch_after: float, limit: int
+    *, session: Session, redispatch_after: float, limit: int, queue: str | None = None
 ) -> list[Dispatchable]:
     """Queued jobs that are due and whose wake-up is missing or old; marks them dispatched now.
 
     This is the outbox: it covers an API that died between commit and dispatch, a retry whose
-    backoff has passed, and a broker that lost its messages.
+    backoff has passed, and a broker that lost its messages. Never-dispatched jobs come first,
+    then the longest-waiting; ``queue`` narrows it to one queue.
     """
     rows = session.execute(
         text(
@@ -111,13 +127,14 @@ def claim_due_dispatches(
                    AND (retry_at IS NULL OR retry_at <= now())
                    AND (dispatched_at IS NULL
                         OR dispatched_at < now() - make_interval(secs => :after))
-                 ORDER BY priority DESC, created_at
+                   AND (CAST(:queue AS text) IS NULL OR queue = :queue)
+                 ORDER BY dispatched_at NULLS FIRST, priority DESC, created_at
                  LIMIT :limit
                  FOR UPDATE SKIP LOCKED)
             RETURNING id, queue, priority
             """
         ),
-        {"after": redispatch_after, "limit": limit},
+        {"after": redispatch_after, "limit": limit, "queue": queue},
     ).all()
     return [Dispatchable(job_id=r.id, queue=r.queue, priority=r.priority) for r in rows]
 

@@ -12,6 +12,7 @@ from app.db import leases
 from app.db.jobs import submit_job
 from app.db.session import session_scope
 from app.domain.spec import JobSpec
+from app.queue import Dispatcher
 from app.settings import Settings
 from workers.reaper import Reaper
 
@@ -66,3 +67,23 @@ def test_after_losing_the_database_it_reaps_nothing_for_one_lease_ttl(
 
 def _unreachable(settings: Settings) -> str:
     return settings.database_url.replace("@127.0.0.1:5432", "@127.0.0.1:1")
+
+
+def test_it_resends_only_the_wake_ups_the_broker_lost(settings: Settings, redis_url: str) -> None:
+    # Given five queued jobs whose wake-ups sit in Redis, all older than redispatch_after
+    dispatcher = Dispatcher(settings)
+    with session_scope(settings.database_url) as s:
+        ids = [submit_job(session=s, tenant="t", spec=SPEC).job_id for _ in range(5)]
+    for job_id in ids:
+        dispatcher.dispatch(job_id=job_id, queue="gpu.any.8", priority=5)
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE jobs SET dispatched_at = now() - interval '1 hour'"))
+    reaper = Reaper(settings, dispatcher)
+    # Then a pass sends nothing again: the broker still holds them
+    assert reaper.pass_once().dispatched == 0
+    # When Redis loses two of them
+    client = redis.Redis.from_url(redis_url)
+    client.rpop("gpu.any.8:4", 2)
+    # Then the next pass sends exactly two, and the broker holds one per job again
+    assert reaper.pass_once().dispatched == 2
+    assert dispatcher.pending("gpu.any.8") == 5
