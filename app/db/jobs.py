@@ -126,18 +126,29 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def waiting_reason(*, session: Session, job: Job) -> str | None:
+_DeviceSizes = list[tuple[str, int]]
+
+
+def _device_sizes(session: Session) -> _DeviceSizes:
+    rows = session.execute(select(Device.gpu_type, Device.memory_bytes)).all()
+    return [(r.gpu_type, r.memory_bytes) for r in rows]
+
+
+def waiting_reason(
+    *, session: Session, job: Job, devices: _DeviceSizes | None = None
+) -> str | None:
     """Why a queued job is not running, when no registered device could ever run it."""
     if job.status != JobStatus.QUEUED:
         return None
     spec = JobSpec.model_validate(job.spec)
-    devices = session.execute(select(Device.gpu_type, Device.memory_bytes)).all()
+    if devices is None:
+        devices = _device_sizes(session)
     fits = [
-        d
-        for d in devices
+        (gpu_type, memory)
+        for gpu_type, memory in devices
         if device_fits(
-            device_type=d.gpu_type,
-            device_memory_gib=d.memory_bytes / 2**30,
+            device_type=gpu_type,
+            device_memory_gib=memory / 2**30,
             job_type=spec.resources.gpu_type,
             job_memory_gb=spec.resources.memory_gb,
         )
@@ -145,7 +156,7 @@ def waiting_reason(*, session: Session, job: Job) -> str | None:
     if not devices:
         return "no devices are registered: start a worker (gpufleet worker)"
     if not fits:
-        have = ", ".join(sorted({f"{d.gpu_type}:{d.memory_bytes / 2**30:.0f}GiB" for d in devices}))
+        have = ", ".join(sorted({f"{t}:{m / 2**30:.0f}GiB" for t, m in devices}))
         return (
             f"no registered device fits gpu_type={spec.resources.gpu_type} "
             f"memory_gb={spec.resources.memory_gb:g} (devices: {have})"
@@ -161,7 +172,7 @@ def job_view(*, session: Session, tenant: str, job_id: uuid.UUID) -> dict[str, A
     return _view(session=session, job=job)
 
 
-def _view(*, session: Session, job: Job) -> dict[str, Any]:
+def _view(*, session: Session, job: Job, devices: _DeviceSizes | None = None) -> dict[str, Any]:
     live = session.scalar(select(Lease).where(Lease.job_id == job.id, Lease.released_at.is_(None)))
     leases = session.scalars(select(Lease).where(Lease.job_id == job.id).order_by(Lease.epoch))
     checkpoint = session.scalar(
@@ -187,7 +198,7 @@ def _view(*, session: Session, job: Job) -> dict[str, Any]:
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
         "retry_at": _iso(job.retry_at),
-        "waiting_reason": waiting_reason(session=session, job=job),
+        "waiting_reason": waiting_reason(session=session, job=job, devices=devices),
         "cancel_requested": job.cancel_requested,
         "lease": None
         if live is None
@@ -257,7 +268,8 @@ def list_jobs(
     more = len(jobs) > limit
     jobs = jobs[:limit]
     next_cursor = (jobs[-1].created_at, jobs[-1].id) if more and jobs else None
-    return [_view(session=session, job=j) for j in jobs], next_cursor
+    devices = _device_sizes(session)
+    return [_view(session=session, job=j, devices=devices) for j in jobs], next_cursor
 
 
 def job_status(*, session: Session, job_id: uuid.UUID) -> JobStatus | None:

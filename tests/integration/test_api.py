@@ -217,3 +217,31 @@ def test_the_api_imports_no_worker_code_or_frameworks() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_job_no_device_could_run_is_accepted_and_says_why(
+    client: TestClient, settings: Settings
+) -> None:
+    from app.db.devices import DeviceRecord, register_devices
+    from app.db.session import session_scope
+
+    t4 = DeviceRecord(
+        uuid="GPU-t4",
+        host="h",
+        index=0,
+        name="Tesla T4",
+        gpu_type="T4",
+        memory_bytes=15 * 2**30,
+        pci_bus_id="0:0",
+        simulated=False,
+    )
+    with session_scope(settings.database_url) as s:
+        register_devices(session=s, devices=[t4])
+    big = client.post("/v1/jobs", json=job_with(resources={"memory_gb": 40}), headers=ALICE)
+    assert big.status_code == 201
+    assert "no registered device fits gpu_type=any memory_gb=40" in big.json()["waiting_reason"]
+    assert "T4:15GiB" in big.json()["waiting_reason"]
+    small = client.post("/v1/jobs/validate", json=JOB, headers=ALICE).json()
+    assert [d["uuid"] for d in small["fits"]] == ["GPU-t4"] and small["waiting_reason"] is None
+    listed = client.get("/v1/jobs", headers=ALICE).json()["jobs"]
+    assert listed[0]["waiting_reason"] == big.json()["waiting_reason"]
