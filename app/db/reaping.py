@@ -136,6 +136,13 @@ def claim_due_dispatches(
         ),
         {"after": redispatch_after, "limit": limit, "queue": queue},
     ).all()
+    for r in rows:
+        add_event(
+            session=session,
+            job_id=r.id,
+            kind=EventKind.REDISPATCHED,
+            message=f"wake-up sent again to {r.queue}",
+        )
     return [Dispatchable(job_id=r.id, queue=r.queue, priority=r.priority) for r in rows]
 
 

@@ -54,16 +54,14 @@ class ErrorKind(StrEnum):
 
 class EventKind(StrEnum):
     SUBMITTED = "submitted"  #: the job was accepted
-    DISPATCHED = "dispatched"  #: the reaper sent the wake-up again
+    REDISPATCHED = "redispatched"  #: the reaper sent a wake-up the broker had lost
     LEASED = "leased"  #: a worker won a lease
-    PROGRESS = "progress"  #: not stored per step; reserved for coarse milestones
     CHECKPOINT = "checkpoint"  #: a checkpoint was recorded
     CHECKPOINT_SKIPPED = "checkpoint_skipped"  #: a checkpoint failed to load on resume
     RESUMED = "resumed"  #: training continued from a checkpoint
     OOM_BACKOFF = "oom_backoff"  #: out of memory: micro-batch halved, accumulation doubled
     RETRY = "retry"  #: requeued with backoff after an infrastructure failure
     LEASE_EXPIRED = "lease_expired"  #: the reaper took the lease back
-    LEASE_LOST = "lease_lost"  #: the holder found its lease gone and stopped
     CANCEL_REQUESTED = "cancel_requested"  #: a user asked a running job to stop
     SUCCEEDED = "succeeded"  #: finished with a result
     FAILED = "failed"  #: finished with an error

@@ -245,3 +245,15 @@ def test_a_job_no_device_could_run_is_accepted_and_says_why(
     assert [d["uuid"] for d in small["fits"]] == ["GPU-t4"] and small["waiting_reason"] is None
     listed = client.get("/v1/jobs", headers=ALICE).json()["jobs"]
     assert listed[0]["waiting_reason"] == big.json()["waiting_reason"]
+
+
+def test_live_streams_end_when_the_job_has_ended(client: TestClient) -> None:
+    job_id = client.post("/v1/jobs", json=JOB, headers=ALICE).json()["id"]
+    client.post(f"/v1/jobs/{job_id}/cancel", headers=ALICE)
+    stream = client.get(
+        f"/v1/jobs/{job_id}/events", headers={**ALICE, "Accept": "text/event-stream"}
+    )
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert "event: submitted" in stream.text and "event: cancelled" in stream.text
+    logs = client.get(f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, headers=ALICE)
+    assert logs.status_code == 200 and logs.text == ""
