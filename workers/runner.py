@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -331,7 +332,7 @@ class _Watch:
         self._control_buf = b""
         self._log_buf = b""
         self._log_flushed_at = time.monotonic()
-        self._last_renewed = time.monotonic()
+        self.last_renewed = time.monotonic()
         self._stop_asked_at: float | None = None
         self._term_sent_at: float | None = None
 
@@ -346,6 +347,8 @@ class _Watch:
         sel.register(self.proc.stdout, selectors.EVENT_READ, "stdout")
         next_beat = time.monotonic() + self.settings.heartbeat_interval
         open_streams = 2
+        watchdog = _Watchdog(self)
+        watchdog.start()
         try:
             while open_streams:
                 timeout = max(0.0, min(next_beat - time.monotonic(), 0.5))
@@ -364,11 +367,14 @@ class _Watch:
                     next_beat = time.monotonic() + self.settings.heartbeat_interval
                 self._escalate_stop()
             self.run_state.exit_code = self.proc.wait()
+            if watchdog.fired:
+                raise LeaseLost(f"could not renew for {watchdog.budget:.1f}s")
         except LeaseLost as exc:
             log.warning("%s: lease lost (%s); killing the trainer", self.tag, exc)
             self.run_state.lease_lost = True
             self._kill()
         finally:
+            watchdog.stopping.set()
             sel.close()
             self._flush_log()
             if self.proc.poll() is None:
@@ -472,16 +478,13 @@ class _Watch:
                     ttl=self.settings.lease_ttl,
                 )
             )
-        except SQLAlchemyError as exc:
-            silent = time.monotonic() - self._last_renewed
-            budget = self.settings.lease_ttl - 2 * self.settings.heartbeat_interval
+        except SQLAlchemyError as exc:  # the watchdog decides when this means giving up
+            silent = time.monotonic() - self.last_renewed
             log.warning("%s: heartbeat failed (%.1fs without renewal): %s", self.tag, silent, exc)
-            if silent >= budget:
-                raise LeaseLost(f"could not renew for {silent:.1f}s") from exc
             return
         if cancel is None:
             raise LeaseLost("heartbeat refused")
-        self._last_renewed = time.monotonic()
+        self.last_renewed = time.monotonic()
         if cancel and self._stop_asked_at is None:
             log.info("%s: cancel requested; asking the trainer to stop", self.tag)
             self._ask_stop()
@@ -532,6 +535,34 @@ class _Watch:
             )
         except SQLAlchemyError as exc:
             log.warning("%s: could not store %d bytes of output: %s", self.tag, len(text), exc)
+
+
+class _Watchdog(threading.Thread):
+    """Kills the trainer once the lease has gone ``lease_ttl - 2 * heartbeat_interval`` without
+    renewal, so that it is gone before anyone else may take the lease — even while the
+    supervisor's loop is stuck in a database call that never returns (a network black hole)."""
+
+    def __init__(self, watch: _Watch) -> None:
+        super().__init__(name="lease-watchdog", daemon=True)
+        self.watch = watch
+        settings = watch.settings
+        self.budget = settings.lease_ttl - 2 * settings.heartbeat_interval
+        self.period = min(0.1, settings.heartbeat_interval / 4)
+        self.stopping = threading.Event()
+        self.fired = False
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.period):
+            if time.monotonic() - self.watch.last_renewed >= self.budget:
+                log.error(
+                    "%s: no lease renewal for %.1fs; killing the trainer before the lease expires",
+                    self.watch.tag,
+                    self.budget,
+                )
+                self.fired = True
+                with contextlib.suppress(ProcessLookupError):
+                    self.watch.proc.kill()
+                return
 
 
 def _record_backoff(

@@ -15,9 +15,25 @@ def _factory(url: str) -> sessionmaker[Session]:
     factory = _factories.get(url)
     if factory is None:
         # pre_ping: a worker's pooled connection may have died with a database restart.
-        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        engine = create_engine(
+            url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=_connect_args(url)
+        )
         factory = _factories[url] = sessionmaker(engine, expire_on_commit=False)
     return factory
+
+
+def _connect_args(url: str) -> dict[str, int]:
+    """Fail fast on an unreachable server, and notice a dead peer through TCP keepalives,
+    instead of waiting minutes for the kernel's defaults."""
+    if not url.startswith("postgresql"):
+        return {}
+    return {
+        "connect_timeout": 5,
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 3,
+        "keepalives_count": 3,
+    }
 
 
 def engine_for(url: str) -> Engine:
