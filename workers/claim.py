@@ -21,6 +21,7 @@ from app.db import devices as device_rows
 from app.db.session import session_scope
 from app.settings import Settings
 from workers.devices import GpuDevice
+from workers.watchdog import Deadline
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,11 @@ def take_worker_down(reason: str) -> None:
 
 
 class DeviceKeeper(threading.Thread):
-    """Renews the device claim every heartbeat interval; losing it stops the worker, loudly."""
+    """Renews the device claim every heartbeat interval; losing it stops the worker, loudly.
+
+    A deadline of its own stops the worker too when no renewal succeeded for
+    ``lease_ttl - 2 * heartbeat_interval``, even if this thread is stuck in a database call:
+    by then another worker may claim the device."""
 
     def __init__(self, settings: Settings, device: GpuDevice, worker: str) -> None:
         super().__init__(name="device-keeper", daemon=True)
@@ -120,9 +125,20 @@ class DeviceKeeper(threading.Thread):
         self.device = device
         self.worker = worker
         self.stopping = threading.Event()
-        self._last_renewed = time.monotonic()
+        self.deadline = Deadline(
+            budget=settings.lease_ttl - 2 * settings.heartbeat_interval,
+            on_expire=lambda: take_worker_down(
+                f"no renewal of the claim on device {device.uuid} in time"
+            ),
+            name="device-watchdog",
+        )
+
+    def stop(self) -> None:
+        self.deadline.stop()
+        self.stopping.set()
 
     def run(self) -> None:
+        self.deadline.start()
         try:
             while not self.stopping.wait(self.settings.heartbeat_interval):
                 if not self._renew():
@@ -141,11 +157,12 @@ class DeviceKeeper(threading.Thread):
                     worker=self.worker,
                     ttl=self.settings.lease_ttl,
                 )
-        except SQLAlchemyError as exc:
-            silent = time.monotonic() - self._last_renewed
-            log.warning("device heartbeat failed (%.1fs without renewal): %s", silent, exc)
-            return silent < self.settings.lease_ttl
+        except SQLAlchemyError as exc:  # the deadline decides when this means giving up
+            log.warning(
+                "device heartbeat failed (%.1fs without renewal): %s", self.deadline.silent_for, exc
+            )
+            return True
         if kept:
-            self._last_renewed = time.monotonic()
+            self.deadline.renew()
             health.touch("worker")
         return kept

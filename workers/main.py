@@ -83,7 +83,7 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
             ]
         )
     finally:
-        keeper.stopping.set()
+        keeper.stop()
         telemetry.stopping.set()
         claim.release(settings, device, name)
     return 0

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -44,6 +43,7 @@ from app.domain.states import ErrorKind, EventKind, LeaseOutcome
 from app.settings import Settings
 from workers.trainers import protocol
 from workers.trainers.protocol import Launch
+from workers.watchdog import Deadline
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,14 @@ class _Watch:
         self._control_buf = b""
         self._log_buf = b""
         self._log_flushed_at = time.monotonic()
-        self.last_renewed = time.monotonic()
+        # Kills the trainer once the lease has gone lease_ttl - 2 * heartbeat_interval without
+        # renewal, so that it is gone before anyone else may take the lease, even while this
+        # loop is stuck in a database call that never returns (a network black hole).
+        self.deadline = Deadline(
+            budget=self.settings.lease_ttl - 2 * self.settings.heartbeat_interval,
+            on_expire=self._lease_deadline_passed,
+            name="lease-watchdog",
+        )
         self._stop_asked_at: float | None = None
         self._term_sent_at: float | None = None
 
@@ -347,7 +354,7 @@ class _Watch:
         sel.register(self.proc.stdout, selectors.EVENT_READ, "stdout")
         next_beat = time.monotonic() + self.settings.heartbeat_interval
         open_streams = 2
-        watchdog = _Watchdog(self)
+        watchdog = self.deadline
         watchdog.start()
         try:
             while open_streams:
@@ -374,7 +381,7 @@ class _Watch:
             self.run_state.lease_lost = True
             self._kill()
         finally:
-            watchdog.stopping.set()
+            watchdog.stop()
             sel.close()
             self._flush_log()
             if self.proc.poll() is None:
@@ -479,15 +486,24 @@ class _Watch:
                 )
             )
         except SQLAlchemyError as exc:  # the watchdog decides when this means giving up
-            silent = time.monotonic() - self.last_renewed
+            silent = self.deadline.silent_for
             log.warning("%s: heartbeat failed (%.1fs without renewal): %s", self.tag, silent, exc)
             return
         if cancel is None:
             raise LeaseLost("heartbeat refused")
-        self.last_renewed = time.monotonic()
+        self.deadline.renew()
         if cancel and self._stop_asked_at is None:
             log.info("%s: cancel requested; asking the trainer to stop", self.tag)
             self._ask_stop()
+
+    def _lease_deadline_passed(self) -> None:
+        log.error(
+            "%s: no lease renewal for %.1fs; killing the trainer before the lease expires",
+            self.tag,
+            self.deadline.budget,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
 
     def _ask_stop(self) -> None:
         self._stop_asked_at = time.monotonic()
@@ -535,34 +551,6 @@ class _Watch:
             )
         except SQLAlchemyError as exc:
             log.warning("%s: could not store %d bytes of output: %s", self.tag, len(text), exc)
-
-
-class _Watchdog(threading.Thread):
-    """Kills the trainer once the lease has gone ``lease_ttl - 2 * heartbeat_interval`` without
-    renewal, so that it is gone before anyone else may take the lease — even while the
-    supervisor's loop is stuck in a database call that never returns (a network black hole)."""
-
-    def __init__(self, watch: _Watch) -> None:
-        super().__init__(name="lease-watchdog", daemon=True)
-        self.watch = watch
-        settings = watch.settings
-        self.budget = settings.lease_ttl - 2 * settings.heartbeat_interval
-        self.period = min(0.1, settings.heartbeat_interval / 4)
-        self.stopping = threading.Event()
-        self.fired = False
-
-    def run(self) -> None:
-        while not self.stopping.wait(self.period):
-            if time.monotonic() - self.watch.last_renewed >= self.budget:
-                log.error(
-                    "%s: no lease renewal for %.1fs; killing the trainer before the lease expires",
-                    self.watch.tag,
-                    self.budget,
-                )
-                self.fired = True
-                with contextlib.suppress(ProcessLookupError):
-                    self.watch.proc.kill()
-                return
 
 
 def _record_backoff(
