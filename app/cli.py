@@ -141,7 +141,11 @@ def up(
     db_upgrade()
     from workers.devices import discover
 
-    devices = discover(fake_gpus=settings.fake_gpus or None, host=settings.hostname)
+    try:
+        devices = discover(fake_gpus=settings.fake_gpus or None, host=settings.hostname)
+    except ValueError as exc:
+        typer.echo(f"gpufleet up: {exc}", err=True)
+        raise typer.Exit(2) from None
     if not devices:
         typer.echo(
             "gpufleet up: no GPU found and GPUFLEET_FAKE_GPUS is not set; starting the API and "

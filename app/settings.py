@@ -6,6 +6,7 @@ surfacing later as a confusing failure in the middle of a job.
 
 from __future__ import annotations
 
+import re
 import socket
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +17,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@localhost:5432/gpufleet"
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+
+_FAKE_GPU = r"\s*[A-Za-z0-9]+\s*:\s*\d+(\.\d+)?\s*"
+_FAKE_GPUS_RE = re.compile(rf"^{_FAKE_GPU}(,{_FAKE_GPU})*$")
 
 
 class SettingsError(RuntimeError):
@@ -52,6 +56,13 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must not be blank")
         return value.strip()
+
+    @field_validator("fake_gpus")
+    @classmethod
+    def _fake_gpus_well_formed(cls, value: str) -> str:
+        if value.strip() and not _FAKE_GPUS_RE.match(value):
+            raise ValueError("expected TYPE:GB,TYPE:GB (e.g. A100:80,T4:16)")
+        return value
 
     @field_validator("api_tokens")
     @classmethod
@@ -101,5 +112,6 @@ def get_settings() -> Settings:
         problems = []
         for err in exc.errors():
             name = "GPUFLEET_" + "_".join(str(p) for p in err["loc"]).upper()
-            problems.append(f"{name}: {err['msg']}" if err["loc"] else err["msg"])
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}: {message}" if err["loc"] else message)
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -36,9 +36,12 @@ def pin_device(device: GpuDevice, worker: str) -> None:
 
 
 def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
-    devices = discover(fake_gpus=settings.fake_gpus or None, host=settings.hostname)
+    try:
+        devices = discover(fake_gpus=settings.fake_gpus or None, host=settings.hostname)
+    except ValueError as exc:  # a GPUFLEET_FAKE_GPUS the parser refuses
+        raise NoDevices(str(exc)) from None
     if not devices:
-        raise NoDevices()
+        raise NoDevices(NoDevices.__doc__)
     claim.register(settings, devices)
     pending_name = f"pending-{os.getpid()}@{settings.hostname}"
     device = claim.claim_one(settings, devices, pending_name)
