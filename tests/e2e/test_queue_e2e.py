@@ -170,3 +170,19 @@ def test_worker_whose_lease_was_taken_stops_writing(fleet: Fleet, db_url: str) -
         )
     assert late == 0 and checkpoints == 0
     assert "lease lost" in frozen.log()
+
+
+def test_a_more_urgent_job_is_taken_first(fleet: Fleet) -> None:
+    # Given one worker, busy
+    fleet.start_api()
+    fleet.start_reaper()
+    fleet.start_worker("worker-t4", fake_gpus="T4:16", host="host-b")
+    fleet.wait_workers_ready(1)
+    blocker = fleet.submit(small_job(name="blocker", faults={"step_delay_s": 0.05}))
+    wait_for(lambda: fleet.job(blocker)["status"] == "running", timeout=60)
+    # When a routine job and then an urgent one wait in the same queue
+    routine = fleet.submit(small_job(name="routine", priority=1))
+    urgent = fleet.submit(small_job(name="urgent", priority=9))
+    final = fleet.wait_final([blocker, routine, urgent], timeout=120)
+    # Then the urgent one runs first
+    assert final[urgent]["started_at"] < final[routine]["started_at"]
