@@ -108,7 +108,8 @@ def take_worker_down(reason: str) -> None:
     """A worker that lost its device, or whose keeper thread died, must not go on taking jobs."""
     log.critical("stopping this worker: %s", reason)
     os.kill(os.getpid(), signal.SIGTERM)
-    # Celery's warm shutdown waits for the running job; give it the lease's time, then go.
+    # Celery's warm shutdown waits for the running job. Its supervisor sees the lost claim on
+    # its next heartbeat and hands the job back (runner.DeviceLost); this is the backstop.
     threading.Timer(60.0, lambda: os._exit(70)).start()
 
 

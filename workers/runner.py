@@ -81,6 +81,8 @@ class TrainerRun:
     result: protocol.Result | None = None
     failure: protocol.Failure | None = None
     lease_lost: bool = False
+    #: the worker's claim on its GPU ended while the trainer ran (see ``leases.Beat``).
+    device_lost: bool = False
     cancelled: bool = False
     #: the messages the trainer sent, in order (tests and events read these).
     messages: list[Any] = field(default_factory=list)
@@ -88,6 +90,11 @@ class TrainerRun:
 
 class LeaseLost(Exception):
     """The lease is gone: another worker or the reaper owns this job now."""
+
+
+class DeviceLost(Exception):
+    """The lease holds, but this worker's claim on its GPU ended: another worker may start a
+    job on that GPU, so this one must leave it now and hand the job back."""
 
 
 def _die_with_parent() -> None:
@@ -180,6 +187,12 @@ class Supervisor:
             run = self._run_trainer(grant, spec, micro, checkpoints)
             if run.lease_lost:
                 return Outcome.LEASE_LOST
+            if run.device_lost:
+                message = (
+                    f"{self.identity.worker} lost its claim on device {self.identity.device_uuid}"
+                    " while the job ran; handed back for another worker"
+                )
+                return self._requeue(grant, message, backoff_s=0.0)
             if run.cancelled:
                 return self._finish(
                     grant,
@@ -250,8 +263,10 @@ class Supervisor:
             grant, LeaseOutcome.FAILED, error={"kind": kind.value, "message": message}
         )
 
-    def _requeue(self, grant: leases.LeaseGrant, message: str) -> Outcome:
-        backoff = infra_backoff(grant.attempt)
+    def _requeue(
+        self, grant: leases.LeaseGrant, message: str, *, backoff_s: float | None = None
+    ) -> Outcome:
+        backoff = infra_backoff(grant.attempt) if backoff_s is None else backoff_s
         status = self._db_durable(
             lambda s: leases.requeue_for_retry(
                 session=s,
@@ -380,6 +395,10 @@ class _Watch:
             log.warning("%s: lease lost (%s); killing the trainer", self.tag, exc)
             self.run_state.lease_lost = True
             self._kill()
+        except DeviceLost as exc:
+            log.error("%s: %s; killing the trainer", self.tag, exc)
+            self.run_state.device_lost = True
+            self._kill()
         finally:
             watchdog.stop()
             sel.close()
@@ -387,7 +406,8 @@ class _Watch:
             if self.proc.poll() is None:
                 self._kill()
         finished = self.run_state.exit_code == protocol.EXIT_OK and self.run_state.result
-        if self._stop_asked_at is not None and not self.run_state.lease_lost and not finished:
+        interrupted = self.run_state.lease_lost or self.run_state.device_lost
+        if self._stop_asked_at is not None and not interrupted and not finished:
             self.run_state.cancelled = True
         return self.run_state
 
@@ -477,7 +497,7 @@ class _Watch:
 
     def _heartbeat(self) -> None:
         try:
-            cancel = self.sup._db(
+            beat = self.sup._db(
                 lambda s: leases.heartbeat(
                     session=s,
                     job_id=self.grant.job_id,
@@ -489,10 +509,14 @@ class _Watch:
             silent = self.deadline.silent_for
             log.warning("%s: heartbeat failed (%.1fs without renewal): %s", self.tag, silent, exc)
             return
-        if cancel is None:
+        if beat is None:
             raise LeaseLost("heartbeat refused")
         self.deadline.renew()
-        if cancel and self._stop_asked_at is None:
+        if not beat.device_held:
+            raise DeviceLost(
+                f"device {self.sup.identity.device_uuid} is no longer claimed by this worker"
+            )
+        if beat.cancel_requested and self._stop_asked_at is None:
             log.info("%s: cancel requested; asking the trainer to stop", self.tag)
             self._ask_stop()
 

@@ -93,9 +93,19 @@ def checkpoint_paths(*, session: Session, job_id: uuid.UUID) -> list[str]:
     return list(paths)
 
 
-def heartbeat(*, session: Session, job_id: uuid.UUID, epoch: int, ttl: float) -> bool | None:
-    """Extend the lease. Returns whether a cancel was requested, or None if the lease is gone."""
-    cancel: bool | None = session.scalar(
+@dataclass(frozen=True)
+class Beat:
+    """What a renewed lease tells its holder."""
+
+    cancel_requested: bool
+    #: False once the lease's device is no longer claimed by the lease's worker (the claim
+    #: expired or another worker took the GPU): the job must leave the device at once.
+    device_held: bool
+
+
+def heartbeat(*, session: Session, job_id: uuid.UUID, epoch: int, ttl: float) -> Beat | None:
+    """Extend the lease. None if the lease is gone."""
+    row = session.execute(
         text(
             f"""
             UPDATE leases l
@@ -103,12 +113,18 @@ def heartbeat(*, session: Session, job_id: uuid.UUID, epoch: int, ttl: float) ->
               FROM jobs j
              WHERE l.job_id = :job_id AND l.epoch = :epoch AND l.released_at IS NULL
                AND {FENCE}
-            RETURNING j.cancel_requested
+            RETURNING j.cancel_requested,
+                      l.device_uuid IS NULL OR EXISTS (
+                          SELECT 1 FROM devices d
+                           WHERE d.uuid = l.device_uuid AND d.worker = l.worker
+                             AND d.expires_at > now()) AS device_held
             """
         ),
         {"job_id": job_id, "epoch": epoch, "ttl": ttl},
-    )
-    return cancel
+    ).one_or_none()
+    if row is None:
+        return None
+    return Beat(cancel_requested=row.cancel_requested, device_held=row.device_held)
 
 
 def record_progress(

@@ -123,7 +123,9 @@ def test_reaped_lease_fences_every_write_of_the_old_holder(settings: Settings) -
         )
     # And the new holder's writes go through
     with session_scope(url) as s:
-        assert leases.heartbeat(session=s, job_id=job_id, epoch=new.epoch, ttl=5) is False
+        assert leases.heartbeat(session=s, job_id=job_id, epoch=new.epoch, ttl=5) == leases.Beat(
+            cancel_requested=False, device_held=True
+        )
         assert leases.finish(
             session=s, job_id=job_id, epoch=new.epoch, outcome=LeaseOutcome.SUCCEEDED, result={}
         )
@@ -157,7 +159,8 @@ def test_cancel_queued_at_once_and_running_through_the_heartbeat(settings: Setti
         assert cancel_job(session=s, tenant="t", job_id=running) == JobStatus.RUNNING
     assert _acquire(settings, queued) is None
     with session_scope(settings.database_url) as s:
-        assert leases.heartbeat(session=s, job_id=running, epoch=grant.epoch, ttl=5) is True
+        beat = leases.heartbeat(session=s, job_id=running, epoch=grant.epoch, ttl=5)
+    assert beat is not None and beat.cancel_requested
 
 
 def test_retry_waits_for_its_backoff_then_is_dispatched(settings: Settings) -> None:
@@ -231,3 +234,31 @@ def test_three_claimers_two_devices(settings: Settings) -> None:
     with session_scope(url) as s:
         assert device_rows.claim_device(session=s, uuids=uuids, worker="w3", ttl=60) == claims[0]
         assert not device_rows.heartbeat_device(session=s, uuid=uuids[0], worker="w1", ttl=60)
+
+
+def test_the_heartbeat_says_when_the_lease_s_device_was_claimed_by_another_worker(
+    settings: Settings,
+) -> None:
+    # Given a job leased on a device its worker has claimed
+    url = settings.database_url
+    with session_scope(url) as s:
+        device_rows.register_devices(session=s, devices=[_device("GPU-a", 0)])
+        assert device_rows.claim_device(session=s, uuids=["GPU-a"], worker="w1", ttl=60)
+    job_id = _submit(settings)
+    with session_scope(url) as s:
+        grant = leases.acquire_lease(
+            session=s, job_id=job_id, worker="w1", device_uuid="GPU-a", ttl=60
+        )
+    assert grant is not None
+
+    def beat() -> leases.Beat | None:
+        with session_scope(url) as s:
+            return leases.heartbeat(session=s, job_id=job_id, epoch=grant.epoch, ttl=60)
+
+    assert beat() == leases.Beat(cancel_requested=False, device_held=True)
+    # When the claim expires and another worker takes the GPU
+    with session_scope(url) as s:
+        s.execute(text("UPDATE devices SET expires_at = now() - interval '1 s'"))
+        assert device_rows.claim_device(session=s, uuids=["GPU-a"], worker="w2", ttl=60)
+    # Then the lease still renews (the job is w1's) but says the device is gone
+    assert beat() == leases.Beat(cancel_requested=False, device_held=False)

@@ -243,3 +243,59 @@ def test_a_supervisor_that_cannot_renew_kills_its_trainer_before_the_lease_expir
     assert outcome == [Outcome.LEASE_LOST]
     # And the job is left running under a lease that expires, for the reaper to requeue
     assert view(fi_settings, job_id)["status"] == "running"
+
+
+def test_a_worker_that_loses_its_gpu_stops_the_trainer_and_hands_the_job_back(
+    fi_settings: Settings,
+) -> None:
+    from app.db import devices as device_rows
+    from tests.e2e.fleet import cmdline, descendants
+
+    # Given a job running on a device its worker has claimed (for long: no keeper runs here)
+    identity = WorkerIdentity(worker=IDENTITY.worker, device_uuid="GPU-sim-0", cuda=False)
+    record = device_rows.DeviceRecord(
+        uuid="GPU-sim-0",
+        host="testhost",
+        index=0,
+        name="Simulated T4",
+        gpu_type="T4",
+        memory_bytes=16 * 2**30,
+        pci_bus_id="sim:0",
+        simulated=True,
+    )
+    with session_scope(fi_settings.database_url) as s:
+        device_rows.register_devices(session=s, devices=[record])
+        assert device_rows.claim_device(
+            session=s, uuids=[record.uuid], worker=identity.worker, ttl=600
+        )
+    job_id = submit(fi_settings, spec(faults={"step_delay_s": 0.2}, training={"epochs": 50}))
+    outcome: list[Outcome] = []
+    runner = threading.Thread(
+        target=lambda: outcome.append(Supervisor(fi_settings, identity).run(job_id))
+    )
+    runner.start()
+    deadline = time.monotonic() + 60
+    while (view(fi_settings, job_id)["progress"] or {}).get("step", 0) < 2:
+        assert time.monotonic() < deadline, "the job never made progress"
+        time.sleep(0.1)
+    trainers = [p for p in descendants(os.getpid()) if "workers.trainers.main" in cmdline(p)]
+    assert len(trainers) == 1
+    # When another worker takes the GPU (the claim expired: a stuck or crashed device keeper)
+    with session_scope(fi_settings.database_url) as s:
+        s.execute(
+            text("UPDATE devices SET worker = 'thief@otherhost' WHERE uuid = :u"),
+            {"u": record.uuid},
+        )
+    stolen_at = time.monotonic()
+    # Then the trainer is gone within a few heartbeats, and the job is due again at once
+    runner.join(timeout=60)
+    assert outcome == [Outcome.REQUEUED]
+    assert time.monotonic() - stolen_at < 3 * fi_settings.heartbeat_interval + 2
+    assert not (Path(f"/proc/{trainers[0]}").exists() and "trainers" in cmdline(trainers[0]))
+    job = view(fi_settings, job_id)
+    assert job["status"] == "queued" and job["error"]["kind"] == "infra"
+    assert "lost its claim on device GPU-sim-0" in job["error"]["message"]
+    with session_scope(fi_settings.database_url) as s:
+        due = s.scalar(text("SELECT retry_at <= now() FROM jobs WHERE id = :j"), {"j": job_id})
+        lease = s.scalar(text("SELECT outcome FROM leases WHERE job_id = :j"), {"j": job_id})
+    assert due and lease == "requeued"
