@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.domain.routing import ANY_TYPE, job_queue, normalize_type
 
@@ -17,6 +17,24 @@ MAX_PRIORITY = 9  #: the most urgent priority
 DEFAULT_PRIORITY = 5
 
 _ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control_characters(value: str) -> str:
+    """Postgres refuses NUL in text, and control characters garble every terminal that lists
+    jobs: refused at submit, with the position, rather than a 500 or a broken table later."""
+    found = _CONTROL_RE.search(value)
+    if found:
+        raise ValueError(
+            f"control character {found.group()!r} at position {found.start()} is not allowed"
+        )
+    return value
+
+
+#: every free-text field of a spec.
+Text = Annotated[str, AfterValidator(_no_control_characters)]
+#: seeds every framework accepts (numpy's are 32-bit).
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class _Strict(BaseModel):
@@ -42,10 +60,10 @@ class ModelSpec(_Strict):
 class DataSpec(_Strict):
     source: Literal["synthetic", "file"] = "synthetic"
     samples: int = Field(default=20000, ge=1, le=50_000_000)
-    seed: int = 0
+    seed: Seed = 0
     #: for ``source: file``: a ``.npz`` (arrays ``x`` and ``y``) or ``.csv`` (last column is the
     #: target) path relative to ``GPUFLEET_DATA_ROOT``.
-    path: str | None = None
+    path: Text | None = None
 
     @model_validator(mode="after")
     def _file_needs_path(self) -> Self:
@@ -65,7 +83,7 @@ class TrainingSpec(_Strict):
     epochs: int = Field(default=3, ge=1, le=10_000)
     batch_size: int = Field(default=256, ge=1, le=1_048_576)
     learning_rate: float = Field(default=0.001, gt=0, le=10)
-    seed: int = 0
+    seed: Seed = 0
     checkpoint_every_steps: int = Field(default=50, ge=1)
     mixed_precision: bool = False
     #: cap the run at this many optimizer steps (smoke tests, benchmarks); None = all epochs.
@@ -73,7 +91,7 @@ class TrainingSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    gpu_type: str = ANY_TYPE
+    gpu_type: Text = ANY_TYPE
     memory_gb: float = Field(default=8, gt=0)
     gpu_count: int = Field(default=1, ge=1)
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
@@ -108,9 +126,9 @@ class FaultSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    name: str = Field(default="job", min_length=1, max_length=200)
+    name: Text = Field(default="job", min_length=1, max_length=200)
     framework: Literal["torch", "tensorflow"] | None = None
-    entrypoint: str | None = None
+    entrypoint: Text | None = None
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)

@@ -56,11 +56,21 @@ def test_tensorflow_and_torch_jobs_run_side_by_side(fleet: Fleet) -> None:
     assert len(devices) == 2, "each ran on its own worker"
 
 
-def test_a_custom_entrypoint_trains_through_the_fleet(fleet: Fleet) -> None:
-    fleet.start_two_a100s()
-    job_id = fleet.submit(small_job(framework=None, entrypoint="tests.custom_trainers.toy:train"))
-    job = fleet.wait_final([job_id], timeout=120)[job_id]
-    assert job["status"] == "succeeded", job["error"]
-    assert job["result"]["weights_sha256"]
+def test_a_custom_entrypoint_trains_and_resumes_like_a_built_in(fleet: Fleet) -> None:
+    # Given a custom trainer killed with SIGKILL right after its second checkpoint
+    workers = fleet.start_two_a100s()
+    custom = {"framework": None, "entrypoint": "tests.custom_trainers.toy:train"}
+    training = {"max_steps": 60, "checkpoint_every_steps": 10}
+    job_id = fleet.submit(small_job(**custom, training=training, faults={"step_delay_s": 0.1}))
+    _kill_after_second_checkpoint(fleet, workers, job_id)
+    reference_id = fleet.submit(small_job(**custom, training=training))
+    final = fleet.wait_final([job_id, reference_id], timeout=240)
+    resumed, reference = final[job_id], final[reference_id]
+    # Then it resumed on the other worker through the same TrainContext, to the same weights
+    assert resumed["status"] == reference["status"] == "succeeded", resumed["error"]
+    assert resumed["attempts"] == 2
+    events = fleet.get(f"/v1/jobs/{job_id}/events")["events"]
+    assert any(e["kind"] == "resumed" for e in events)
+    assert resumed["result"]["weights_sha256"] == reference["result"]["weights_sha256"]
     logs = fleet.get(f"/v1/jobs/{job_id}/logs")
     assert logs["text"] or logs["logs"]

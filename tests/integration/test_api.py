@@ -136,6 +136,8 @@ def test_idempotency_key(client: TestClient) -> None:
         (job_with(framework=None, entrypoint="evil.module:run"), 422, "not under an allowed"),
         (job_with(training={"batch_size": 0}), 422, "training.batch_size"),
         ([1, 2, 3], 422, "body"),
+        (job_with(name="a\x00b"), 422, "control character"),
+        (job_with(training={"seed": 2**64}), 422, "training.seed"),
     ],
 )
 def test_bad_input_gets_a_clear_4xx(

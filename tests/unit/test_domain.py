@@ -70,6 +70,11 @@ def test_spec_routes_case_insensitively() -> None:
         ({"framework": "torch", "data": {"source": "file", "path": "../etc/x.npz"}}, ".."),
         ({"framework": "torch", "priority": 10}, "priority"),
         ({"framework": "torch", "resources": {"gpu_type": "A100; rm"}}, "gpu_type"),
+        ({"framework": "torch", "name": "nightly\x00run"}, "control character '\\x00'"),
+        ({"framework": "torch", "name": "a\x1b[2Jb"}, "at position 1"),
+        ({"framework": "torch", "data": {"source": "file", "path": "x\x00.npz"}}, "data.path"),
+        ({"framework": "torch", "training": {"seed": -1}}, "training.seed"),
+        ({"framework": "torch", "data": {"seed": 2**70}}, "data.seed"),
     ],
 )
 def test_bad_specs_are_refused_with_a_message_naming_the_problem(
