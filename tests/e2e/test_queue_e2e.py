@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -74,7 +75,7 @@ def test_killed_worker_job_finishes_elsewhere(fleet: Fleet) -> None:
     wait_for(lambda: (fleet.job(job_id)["progress"] or {}).get("step", 0) >= 15, timeout=60)
     first_worker = fleet.job(job_id)["lease"]["worker"]
     # When its whole process tree is killed with SIGKILL
-    killed_at = time.monotonic()
+    killed_at, killed_wall = time.monotonic(), datetime.now(UTC)
     holder.signal_tree(signal.SIGKILL)
     # Then the reaper requeues it within lease_ttl + reaper_interval
     wait_for(
@@ -89,6 +90,10 @@ def test_killed_worker_job_finishes_elsewhere(fleet: Fleet) -> None:
     assert job["attempts"] == 2
     assert [lease["outcome"] for lease in job["leases"]] == ["expired", "succeeded"]
     assert job["leases"][1]["worker"] != first_worker
+    # And the reaper closed the dead lease within lease_ttl + reaper_interval of the kill (the
+    # database's clock; 1 s of slack for a reaper pass on a loaded machine)
+    reaped_after = datetime.fromisoformat(job["leases"][0]["released_at"]) - killed_wall
+    assert reaped_after.total_seconds() <= 3 + 0.5 + 1.0, reaped_after
 
 
 def test_flushall_loses_no_job(fleet: Fleet, broker_url: str) -> None:
