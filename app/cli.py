@@ -7,6 +7,7 @@ image needs no torch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -165,9 +166,11 @@ def up(
     )
 
     def _stop(*_: object) -> None:
+        # The leader only, as `docker stop` does: a worker then hands its job back at a
+        # checkpoint (workers/drain.py) before it exits; its children follow it.
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
+                os.kill(p.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, _stop)
     try:
@@ -182,6 +185,8 @@ def up(
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # whatever outlived its leader
     raise typer.Exit(1 if any(p.returncode not in (0, -15, None) for p in procs[:2]) else 0)
 
 

@@ -8,7 +8,7 @@ import re
 
 from app.domain.routing import device_queues
 from app.settings import Settings
-from workers import claim
+from workers import claim, drain
 from workers.devices import GpuDevice, discover, sampler_for
 from workers.telemetry import TelemetryLoop
 
@@ -60,8 +60,15 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
         name,
         ",".join(queues),
     )
+    drain_flag = drain.prepare(name)
+    from celery.signals import worker_shutting_down
+
     from workers.celery_app import app
 
+    def on_shutting_down(**_: object) -> None:
+        drain.request(drain_flag)
+
+    worker_shutting_down.connect(on_shutting_down, weak=False)
     keeper = claim.DeviceKeeper(settings, device, name)
     telemetry = TelemetryLoop(settings, device, name, sampler_for([device]), celery_app=app)
     keeper.start()
@@ -89,4 +96,5 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
         keeper.stop()
         telemetry.stopping.set()
         claim.release(settings, device, name)
+        drain_flag.unlink(missing_ok=True)
     return 0

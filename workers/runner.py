@@ -39,8 +39,9 @@ from app.db.logs import append_log
 from app.db.session import session_scope
 from app.domain.retry import accumulation_for, infra_backoff, next_micro_batch
 from app.domain.spec import JobSpec
-from app.domain.states import ErrorKind, EventKind, LeaseOutcome
+from app.domain.states import ErrorKind, EventKind, JobStatus, LeaseOutcome
 from app.settings import Settings
+from workers import drain
 from workers.trainers import protocol
 from workers.trainers.protocol import Launch
 from workers.watchdog import Deadline
@@ -83,6 +84,8 @@ class TrainerRun:
     lease_lost: bool = False
     #: the worker's claim on its GPU ended while the trainer ran (see ``leases.Beat``).
     device_lost: bool = False
+    #: the worker is shutting down and asked the trainer to stop (see ``workers.drain``).
+    drained: bool = False
     cancelled: bool = False
     #: the messages the trainer sent, in order (tests and events read these).
     messages: list[Any] = field(default_factory=list)
@@ -193,6 +196,9 @@ class Supervisor:
                     " while the job ran; handed back for another worker"
                 )
                 return self._requeue(grant, message, backoff_s=0.0)
+            if run.drained:
+                message = f"{self.identity.worker} is shutting down; handed back at its checkpoint"
+                return self._requeue(grant, message, backoff_s=0.0, count_attempt=False)
             if run.cancelled:
                 return self._finish(
                     grant,
@@ -264,7 +270,12 @@ class Supervisor:
         )
 
     def _requeue(
-        self, grant: leases.LeaseGrant, message: str, *, backoff_s: float | None = None
+        self,
+        grant: leases.LeaseGrant,
+        message: str,
+        *,
+        backoff_s: float | None = None,
+        count_attempt: bool = True,
     ) -> Outcome:
         backoff = infra_backoff(grant.attempt) if backoff_s is None else backoff_s
         status = self._db_durable(
@@ -275,10 +286,13 @@ class Supervisor:
                 kind=ErrorKind.INFRA,
                 message=message,
                 backoff_s=backoff,
+                count_attempt=count_attempt,
             )
         )
         if status is None:
             return Outcome.LEASE_LOST
+        if status == JobStatus.CANCELLED:
+            return Outcome.CANCELLED
         return Outcome.FAILED if status.is_final else Outcome.REQUEUED
 
     # -- one trainer process ---------------------------------------------------------------
@@ -387,6 +401,12 @@ class _Watch:
                 if time.monotonic() >= next_beat:
                     self._heartbeat()
                     next_beat = time.monotonic() + self.settings.heartbeat_interval
+                if self._stop_asked_at is None and drain.requested():
+                    log.warning(
+                        "%s: the worker is shutting down; stopping at a checkpoint", self.tag
+                    )
+                    self.run_state.drained = True
+                    self._ask_stop()
                 self._escalate_stop()
             self.run_state.exit_code = self.proc.wait()
             if watchdog.fired:
@@ -406,7 +426,11 @@ class _Watch:
             if self.proc.poll() is None:
                 self._kill()
         finished = self.run_state.exit_code == protocol.EXIT_OK and self.run_state.result
-        interrupted = self.run_state.lease_lost or self.run_state.device_lost
+        if finished or self.run_state.exit_code == protocol.EXIT_USER_ERROR:
+            self.run_state.drained = False  # it ended on its own: record how
+        interrupted = (
+            self.run_state.lease_lost or self.run_state.device_lost or self.run_state.drained
+        )
         if self._stop_asked_at is not None and not interrupted and not finished:
             self.run_state.cancelled = True
         return self.run_state

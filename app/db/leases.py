@@ -302,52 +302,68 @@ def requeue_for_retry(
     kind: ErrorKind,
     message: str,
     backoff_s: float,
+    count_attempt: bool = True,
 ) -> JobStatus | None:
-    """Give the job back after a retryable failure: queued with ``retry_at``, or failed when its
-    attempts are spent. None if the lease was already gone."""
+    """Give the job back: queued with ``retry_at``, or failed when its attempts are spent, or
+    cancelled when a cancel arrived meanwhile (a queued job must never carry a pending cancel:
+    nothing would lease or cancel it). With ``count_attempt=False`` (the worker is draining) the
+    try is handed back without counting against ``max_attempts``. None if the lease was gone."""
     error = {"kind": kind.value, "message": message}
     stmt = text(
         f"""
         WITH j AS (
             UPDATE jobs j SET
-                   status = CASE WHEN j.attempts >= j.max_attempts
-                                 THEN 'failed'::job_status ELSE 'queued'::job_status END,
-                   finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
-                   retry_at = CASE WHEN j.attempts >= j.max_attempts THEN NULL
-                                   ELSE now() + make_interval(secs => :backoff) END,
-                   dispatched_at = NULL, error = :error
+                   attempts = j.attempts - CASE WHEN :count THEN 0 ELSE 1 END,
+                   status = CASE
+                       WHEN j.cancel_requested THEN 'cancelled'::job_status
+                       WHEN :count AND j.attempts >= j.max_attempts THEN 'failed'::job_status
+                       ELSE 'queued'::job_status END,
+                   finished_at = CASE
+                       WHEN j.cancel_requested OR (:count AND j.attempts >= j.max_attempts)
+                       THEN now() END,
+                   retry_at = CASE
+                       WHEN j.cancel_requested OR (:count AND j.attempts >= j.max_attempts)
+                       THEN NULL ELSE now() + make_interval(secs => :backoff) END,
+                   dispatched_at = NULL,
+                   error = CASE
+                       WHEN j.cancel_requested THEN
+                            '{{"kind": "cancelled", "message": "cancelled by request"}}'::jsonb
+                       ELSE :error END
              WHERE {FENCE}
             RETURNING j.id, j.status),
         l AS (
             UPDATE leases SET released_at = now(),
-                   outcome = CASE WHEN (SELECT status FROM j) = 'failed'
-                                  THEN 'failed'::lease_outcome ELSE 'requeued'::lease_outcome END
+                   outcome = CASE (SELECT status FROM j)
+                       WHEN 'failed' THEN 'failed'::lease_outcome
+                       WHEN 'cancelled' THEN 'cancelled'::lease_outcome
+                       ELSE 'requeued'::lease_outcome END
              WHERE job_id IN (SELECT id FROM j) AND epoch = :epoch AND released_at IS NULL)
         SELECT status FROM j
         """
     ).bindparams(bindparam("error", type_=JSONB))
-    status = session.scalar(
-        stmt, {"job_id": job_id, "epoch": epoch, "backoff": backoff_s, "error": error}
-    )
+    params = {
+        "job_id": job_id,
+        "epoch": epoch,
+        "backoff": backoff_s,
+        "error": error,
+        "count": count_attempt,
+    }
+    status = session.scalar(stmt, params)
     if status is None:
         return None
     new_status = JobStatus(status)
-    if new_status == JobStatus.FAILED:
-        add_event(
-            session=session,
-            job_id=job_id,
-            kind=EventKind.FAILED,
-            epoch=epoch,
-            message=f"{kind.value}: {message} (attempts spent)",
-            data=error,
-        )
+    if new_status == JobStatus.CANCELLED:
+        event, text_ = EventKind.CANCELLED, f"cancelled by request (stopped: {message})"
+    elif new_status == JobStatus.FAILED:
+        event, text_ = EventKind.FAILED, f"{kind.value}: {message} (attempts spent)"
+    elif not count_attempt:
+        event, text_ = EventKind.HANDED_BACK, f"{message}; not counted as an attempt"
     else:
-        add_event(
-            session=session,
-            job_id=job_id,
-            kind=EventKind.RETRY,
-            epoch=epoch,
-            message=f"{kind.value}: {message}; retry in {backoff_s:.1f}s",
-            data={**error, "backoff_s": round(backoff_s, 3)},
-        )
+        event, text_ = EventKind.RETRY, f"{kind.value}: {message}; retry in {backoff_s:.1f}s"
+    data: dict[str, Any] = error
+    if event == EventKind.CANCELLED:
+        data = {"kind": ErrorKind.CANCELLED.value, "message": "cancelled by request"}
+    elif event == EventKind.RETRY:
+        data = {**error, "backoff_s": round(backoff_s, 3)}
+    add_event(session=session, job_id=job_id, kind=event, epoch=epoch, message=text_, data=data)
     return new_status

@@ -61,6 +61,7 @@ class EventKind(StrEnum):
     RESUMED = "resumed"  #: training continued from a checkpoint
     OOM_BACKOFF = "oom_backoff"  #: out of memory: micro-batch halved, accumulation doubled
     RETRY = "retry"  #: requeued with backoff after an infrastructure failure
+    HANDED_BACK = "handed_back"  #: its worker was shutting down: requeued, no attempt spent
     LEASE_EXPIRED = "lease_expired"  #: the reaper took the lease back
     CANCEL_REQUESTED = "cancel_requested"  #: a user asked a running job to stop
     SUCCEEDED = "succeeded"  #: finished with a result

@@ -96,6 +96,28 @@ def test_killed_worker_job_finishes_elsewhere(fleet: Fleet) -> None:
     assert reaped_after.total_seconds() <= 3 + 0.5 + 1.0, reaped_after
 
 
+def test_a_worker_told_to_stop_hands_its_job_back_and_exits(fleet: Fleet) -> None:
+    # Given two A100 workers and a long job running on one of them
+    workers = fleet.start_two_a100s()
+    job_id = fleet.submit(_long_job())
+    holder = fleet.holder(job_id, workers)
+    wait_for(lambda: (fleet.job(job_id)["progress"] or {}).get("step", 0) >= 15, timeout=60)
+    # When it is told to stop (`docker stop` sends SIGTERM to the worker's main process)
+    stopped_at = time.monotonic()
+    holder.popen.send_signal(signal.SIGTERM)
+    # Then it checkpoints, hands the job back and exits in seconds, not at the job's end
+    holder.popen.wait(timeout=60)
+    assert time.monotonic() - stopped_at < 15, "the worker sat on its job"
+    # And the other worker resumes the job and finishes it; no attempt was spent
+    job = fleet.wait_final([job_id], timeout=120)[job_id]
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempts"] == 1
+    assert [lease["outcome"] for lease in job["leases"]] == ["requeued", "succeeded"]
+    assert job["leases"][0]["worker"] != job["leases"][1]["worker"]
+    kinds = [e["kind"] for e in fleet.get(f"/v1/jobs/{job_id}/events")["events"]]
+    assert "handed_back" in kinds and "resumed" in kinds
+
+
 def test_flushall_loses_no_job(fleet: Fleet, broker_url: str) -> None:
     # Given queued jobs whose wake-ups sit in Redis while no worker runs
     fleet.start_api()

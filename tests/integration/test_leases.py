@@ -187,6 +187,61 @@ def test_retry_waits_for_its_backoff_then_is_dispatched(settings: Settings) -> N
     assert _acquire(settings, job_id) is not None
 
 
+def _give_back(
+    settings: Settings, job_id: uuid.UUID, epoch: int, *, count_attempt: bool = True
+) -> JobStatus | None:
+    with session_scope(settings.database_url) as s:
+        return leases.requeue_for_retry(
+            session=s,
+            job_id=job_id,
+            epoch=epoch,
+            kind=ErrorKind.INFRA,
+            message="trainer crashed",
+            backoff_s=0,
+            count_attempt=count_attempt,
+        )
+
+
+def test_a_job_given_back_after_a_cancel_request_ends_cancelled_not_queued(
+    settings: Settings,
+) -> None:
+    # Given a running job a user asked to cancel, before its supervisor's next heartbeat
+    job_id = _submit(settings)
+    grant = _acquire(settings, job_id)
+    assert grant is not None
+    with session_scope(settings.database_url) as s:
+        assert cancel_job(session=s, tenant="t", job_id=job_id) == JobStatus.RUNNING
+    # When the attempt fails in a way that would be retried
+    assert _give_back(settings, job_id, grant.epoch) == JobStatus.CANCELLED
+    # Then the job is cancelled (a queued job with a pending cancel would wait forever: nothing
+    # leases it, nothing dispatches it), and so is its lease
+    assert _status(settings, job_id)[0] == "cancelled"
+    with session_scope(settings.database_url) as s:
+        outcome = s.scalar(text("SELECT outcome FROM leases WHERE job_id = :j"), {"j": job_id})
+    assert outcome == "cancelled"
+
+
+def test_a_handed_back_try_does_not_count_against_max_attempts(settings: Settings) -> None:
+    job_id = _submit(settings)  # max_attempts 2
+    for _ in range(3):  # three drains in a row
+        grant = _acquire(settings, job_id)
+        assert grant is not None and grant.attempt == 1
+        assert _give_back(settings, job_id, grant.epoch, count_attempt=False) == JobStatus.QUEUED
+    # the leases are all in the history; the budget is untouched
+    grant = _acquire(settings, job_id)
+    assert grant is not None and grant.attempt == 1
+    assert _give_back(settings, job_id, grant.epoch) == JobStatus.QUEUED
+    grant = _acquire(settings, job_id)
+    assert grant is not None and grant.attempt == 2
+    assert _give_back(settings, job_id, grant.epoch) == JobStatus.FAILED
+    with session_scope(settings.database_url) as s:
+        kinds = s.scalars(
+            text("SELECT kind FROM job_events WHERE job_id = :j ORDER BY id"), {"j": job_id}
+        ).all()
+        leases_held = s.scalar(text("SELECT count(*) FROM leases WHERE job_id = :j"), {"j": job_id})
+    assert kinds.count("handed_back") == 3 and leases_held == 5
+
+
 def test_checkpoints_beyond_the_last_n_are_returned_for_deletion(settings: Settings) -> None:
     job_id = _submit(settings)
     grant = _acquire(settings, job_id)

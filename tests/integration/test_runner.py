@@ -299,3 +299,46 @@ def test_a_worker_that_loses_its_gpu_stops_the_trainer_and_hands_the_job_back(
         due = s.scalar(text("SELECT retry_at <= now() FROM jobs WHERE id = :j"), {"j": job_id})
         lease = s.scalar(text("SELECT outcome FROM leases WHERE job_id = :j"), {"j": job_id})
     assert due and lease == "requeued"
+
+
+def test_a_draining_worker_hands_its_job_back_at_a_checkpoint_without_spending_an_attempt(
+    fi_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers import drain
+
+    flag = tmp_path / "drain"
+    monkeypatch.setenv(drain.DRAIN_FILE_ENV, str(flag))
+    training = {"epochs": 8, "batch_size": 256, "checkpoint_every_steps": 5}
+    job_id = submit(fi_settings, spec(faults={"step_delay_s": 0.1}, training=training))
+    baseline_id = submit(fi_settings, spec(training=training))
+    outcome: list[Outcome] = []
+    runner = threading.Thread(
+        target=lambda: outcome.append(Supervisor(fi_settings, IDENTITY).run(job_id))
+    )
+    runner.start()
+    deadline = time.monotonic() + 60
+    while (view(fi_settings, job_id)["progress"] or {}).get("step", 0) < 7:
+        assert time.monotonic() < deadline, "the job never made progress"
+        time.sleep(0.05)
+    # When its worker starts shutting down (between two checkpoints)
+    flag.touch()
+    runner.join(timeout=60)
+    # Then the trainer stopped with a checkpoint at its last step, and the job is due again at
+    # once with no attempt spent
+    assert outcome == [Outcome.REQUEUED]
+    job = view(fi_settings, job_id)
+    assert job["status"] == "queued" and job["attempts"] == 0
+    assert job["checkpoint"]["step"] == job["progress"]["step"] > 5
+    assert [lease["outcome"] for lease in job["leases"]] == ["requeued"]
+    assert [k for k, _, _ in events(fi_settings, job_id)].count("handed_back") == 1
+    # And another worker resumes it from there to the weights of an uninterrupted run
+    flag.unlink()
+    assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.SUCCEEDED
+    assert Supervisor(fi_settings, IDENTITY).run(baseline_id) == Outcome.SUCCEEDED
+    resumed, baseline = view(fi_settings, job_id), view(fi_settings, baseline_id)
+    assert resumed["attempts"] == 1
+    assert any(
+        k == "resumed" and f"step {job['checkpoint']['step']} " in m
+        for k, _, m in events(fi_settings, job_id)
+    )
+    assert resumed["result"]["weights_sha256"] == baseline["result"]["weights_sha256"]
