@@ -195,10 +195,10 @@ class Supervisor:
                     f"{self.identity.worker} lost its claim on device {self.identity.device_uuid}"
                     " while the job ran; handed back for another worker"
                 )
-                return self._requeue(grant, message, backoff_s=0.0)
+                return self._hand_back(grant, spec, message, count_attempt=True)
             if run.drained:
                 message = f"{self.identity.worker} is shutting down; handed back at its checkpoint"
-                return self._requeue(grant, message, backoff_s=0.0, count_attempt=False)
+                return self._hand_back(grant, spec, message, count_attempt=False)
             if run.cancelled:
                 return self._finish(
                     grant,
@@ -294,6 +294,21 @@ class Supervisor:
         if status == JobStatus.CANCELLED:
             return Outcome.CANCELLED
         return Outcome.FAILED if status.is_final else Outcome.REQUEUED
+
+    def _hand_back(
+        self, grant: leases.LeaseGrant, spec: JobSpec, message: str, *, count_attempt: bool
+    ) -> Outcome:
+        """Requeue a job this worker must leave, due at once, and wake another worker for it
+        rather than leave its GPU idle until the reaper's next pass (which still covers a
+        failed send)."""
+        outcome = self._requeue(grant, message, backoff_s=0.0, count_attempt=count_attempt)
+        if outcome == Outcome.REQUEUED:
+            from app.queue import Dispatcher
+
+            Dispatcher(self.settings).dispatch(
+                job_id=grant.job_id, queue=spec.queue, priority=spec.priority
+            )
+        return outcome
 
     # -- one trainer process ---------------------------------------------------------------
 

@@ -304,6 +304,7 @@ def test_a_worker_that_loses_its_gpu_stops_the_trainer_and_hands_the_job_back(
 def test_a_draining_worker_hands_its_job_back_at_a_checkpoint_without_spending_an_attempt(
     fi_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from app.queue import Dispatcher
     from workers import drain
 
     flag = tmp_path / "drain"
@@ -331,6 +332,8 @@ def test_a_draining_worker_hands_its_job_back_at_a_checkpoint_without_spending_a
     assert job["checkpoint"]["step"] == job["progress"]["step"] > 5
     assert [lease["outcome"] for lease in job["leases"]] == ["requeued"]
     assert [k for k, _, _ in events(fi_settings, job_id)].count("handed_back") == 1
+    # (its wake-up is already in the broker: no waiting for the reaper's next pass)
+    assert Dispatcher(fi_settings).pending(job["queue"]) == 1
     # And another worker resumes it from there to the weights of an uninterrupted run
     flag.unlink()
     assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.SUCCEEDED
