@@ -63,6 +63,22 @@ def events(settings: Settings, job_id: uuid.UUID) -> list[tuple[str, int | None,
     return [(r.kind, r.epoch, r.message) for r in rows]
 
 
+def run_in_background(
+    settings: Settings, job_id: uuid.UUID, *, until_step: int, identity: WorkerIdentity = IDENTITY
+) -> tuple[threading.Thread, list[Outcome]]:
+    """Start the supervisor on a thread; return once the job has reached ``until_step``."""
+    outcome: list[Outcome] = []
+    runner = threading.Thread(
+        target=lambda: outcome.append(Supervisor(settings, identity).run(job_id))
+    )
+    runner.start()
+    deadline = time.monotonic() + 60
+    while (view(settings, job_id)["progress"] or {}).get("step", 0) < until_step:
+        assert time.monotonic() < deadline, "the job never made progress"
+        time.sleep(0.05)
+    return runner, outcome
+
+
 def make_due(settings: Settings, job_id: uuid.UUID) -> None:
     with session_scope(settings.database_url) as s:
         s.execute(text("UPDATE jobs SET retry_at = now() WHERE id = :j"), {"j": job_id})
@@ -220,15 +236,7 @@ def test_a_supervisor_that_cannot_renew_kills_its_trainer_before_the_lease_expir
         update={"database_url": fi_settings.database_url.replace(":5432/", f":{proxy.port}/")}
     )
     job_id = submit(fi_settings, spec(faults={"step_delay_s": 0.2}, training={"epochs": 50}))
-    outcome: list[Outcome] = []
-    runner = threading.Thread(
-        target=lambda: outcome.append(Supervisor(through_proxy, IDENTITY).run(job_id))
-    )
-    runner.start()
-    deadline = time.monotonic() + 60
-    while (view(fi_settings, job_id)["progress"] or {}).get("step", 0) < 2:
-        assert time.monotonic() < deadline, "the job never made progress"
-        time.sleep(0.1)
+    runner, outcome = run_in_background(through_proxy, job_id, until_step=2)
     trainers = [p for p in descendants(os.getpid()) if "workers.trainers.main" in cmdline(p)]
     assert len(trainers) == 1
     # When the database goes away: refused connections, or a black hole that never answers
@@ -269,15 +277,7 @@ def test_a_worker_that_loses_its_gpu_stops_the_trainer_and_hands_the_job_back(
             session=s, uuids=[record.uuid], worker=identity.worker, ttl=600
         )
     job_id = submit(fi_settings, spec(faults={"step_delay_s": 0.2}, training={"epochs": 50}))
-    outcome: list[Outcome] = []
-    runner = threading.Thread(
-        target=lambda: outcome.append(Supervisor(fi_settings, identity).run(job_id))
-    )
-    runner.start()
-    deadline = time.monotonic() + 60
-    while (view(fi_settings, job_id)["progress"] or {}).get("step", 0) < 2:
-        assert time.monotonic() < deadline, "the job never made progress"
-        time.sleep(0.1)
+    runner, outcome = run_in_background(fi_settings, job_id, until_step=2, identity=identity)
     trainers = [p for p in descendants(os.getpid()) if "workers.trainers.main" in cmdline(p)]
     assert len(trainers) == 1
     # When another worker takes the GPU (the claim expired: a stuck or crashed device keeper)
@@ -312,15 +312,7 @@ def test_a_draining_worker_hands_its_job_back_at_a_checkpoint_without_spending_a
     training = {"epochs": 8, "batch_size": 256, "checkpoint_every_steps": 5}
     job_id = submit(fi_settings, spec(faults={"step_delay_s": 0.1}, training=training))
     baseline_id = submit(fi_settings, spec(training=training))
-    outcome: list[Outcome] = []
-    runner = threading.Thread(
-        target=lambda: outcome.append(Supervisor(fi_settings, IDENTITY).run(job_id))
-    )
-    runner.start()
-    deadline = time.monotonic() + 60
-    while (view(fi_settings, job_id)["progress"] or {}).get("step", 0) < 7:
-        assert time.monotonic() < deadline, "the job never made progress"
-        time.sleep(0.05)
+    runner, outcome = run_in_background(fi_settings, job_id, until_step=7)
     # When its worker starts shutting down (between two checkpoints)
     flag.touch()
     runner.join(timeout=60)
