@@ -181,12 +181,10 @@ def up(
     finally:
         _stop()
         for p in procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)  # whatever outlived its leader
+                os.killpg(p.pid, signal.SIGKILL)  # a stuck leader, or what outlived it
     raise typer.Exit(1 if any(p.returncode not in (0, -15, None) for p in procs[:2]) else 0)
 
 

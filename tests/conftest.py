@@ -17,6 +17,7 @@ import redis
 from alembic import command
 from alembic.config import Config
 
+from app.db.devices import DeviceRecord
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,4 +96,20 @@ def settings(db_url: str, redis_url: str, tmp_path: Path) -> Settings:
         redispatch_after=2,
         telemetry_interval=0.5,
         hostname="testhost",
+    )
+
+
+def device_record(
+    uuid_: str, *, index: int = 0, gpu_type: str = "A100", gib: float = 80, simulated: bool = True
+) -> DeviceRecord:
+    """A device row as a worker on host ``h`` would register it."""
+    return DeviceRecord(
+        uuid=uuid_,
+        host="h",
+        index=index,
+        name=f"{'Simulated' if simulated else 'NVIDIA'} {gpu_type}",
+        gpu_type=gpu_type,
+        memory_bytes=int(gib * 2**30),
+        pci_bus_id=f"sim:{index}",
+        simulated=simulated,
     )

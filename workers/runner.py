@@ -386,6 +386,7 @@ class _Watch:
         )
         self._stop_asked_at: float | None = None
         self._term_sent_at: float | None = None
+        self._drain_asked = False
 
     @property
     def tag(self) -> str:
@@ -420,7 +421,7 @@ class _Watch:
                     log.warning(
                         "%s: the worker is shutting down; stopping at a checkpoint", self.tag
                     )
-                    self.run_state.drained = True
+                    self._drain_asked = True
                     self._ask_stop()
                 self._escalate_stop()
             self.run_state.exit_code = self.proc.wait()
@@ -441,8 +442,12 @@ class _Watch:
             if self.proc.poll() is None:
                 self._kill()
         finished = self.run_state.exit_code == protocol.EXIT_OK and self.run_state.result
-        if finished or self.run_state.exit_code == protocol.EXIT_USER_ERROR:
-            self.run_state.drained = False  # it ended on its own: record how
+        # A trainer that ended on its own despite the drain (done, or a bug) is recorded as such.
+        self.run_state.drained = (
+            self._drain_asked
+            and not finished
+            and self.run_state.exit_code != protocol.EXIT_USER_ERROR
+        )
         interrupted = (
             self.run_state.lease_lost or self.run_state.device_lost or self.run_state.drained
         )

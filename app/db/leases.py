@@ -308,29 +308,30 @@ def requeue_for_retry(
     cancelled when a cancel arrived meanwhile (a queued job must never carry a pending cancel:
     nothing would lease or cancel it). With ``count_attempt=False`` (the worker is draining) the
     try is handed back without counting against ``max_attempts``. None if the lease was gone."""
-    error = {"kind": kind.value, "message": message}
+    error: dict[str, Any] = {"kind": kind.value, "message": message}
+    cancelled: dict[str, Any] = {
+        "kind": ErrorKind.CANCELLED.value,
+        "message": "cancelled by request",
+    }
     stmt = text(
         f"""
-        WITH j AS (
+        WITH d AS (
+            SELECT j.id, CASE
+                       WHEN j.cancel_requested THEN 'cancelled'
+                       WHEN :count AND j.attempts >= j.max_attempts THEN 'failed'
+                       ELSE 'queued' END AS status
+              FROM jobs j WHERE {FENCE} FOR UPDATE),
+        j AS (
             UPDATE jobs j SET
                    attempts = j.attempts - CASE WHEN :count THEN 0 ELSE 1 END,
-                   status = CASE
-                       WHEN j.cancel_requested THEN 'cancelled'::job_status
-                       WHEN :count AND j.attempts >= j.max_attempts THEN 'failed'::job_status
-                       ELSE 'queued'::job_status END,
-                   finished_at = CASE
-                       WHEN j.cancel_requested OR (:count AND j.attempts >= j.max_attempts)
-                       THEN now() END,
-                   retry_at = CASE
-                       WHEN j.cancel_requested OR (:count AND j.attempts >= j.max_attempts)
-                       THEN NULL ELSE now() + make_interval(secs => :backoff) END,
+                   status = d.status::job_status,
+                   finished_at = CASE WHEN d.status <> 'queued' THEN now() END,
+                   retry_at = CASE WHEN d.status = 'queued'
+                                   THEN now() + make_interval(secs => :backoff) END,
                    dispatched_at = NULL,
-                   error = CASE
-                       WHEN j.cancel_requested THEN
-                            '{{"kind": "cancelled", "message": "cancelled by request"}}'::jsonb
-                       ELSE :error END
-             WHERE {FENCE}
-            RETURNING j.id, j.status),
+                   error = CASE WHEN d.status = 'cancelled' THEN :cancelled ELSE :error END
+              FROM d WHERE j.id = d.id
+            RETURNING j.id, d.status),
         l AS (
             UPDATE leases SET released_at = now(),
                    outcome = CASE (SELECT status FROM j)
@@ -340,12 +341,13 @@ def requeue_for_retry(
              WHERE job_id IN (SELECT id FROM j) AND epoch = :epoch AND released_at IS NULL)
         SELECT status FROM j
         """
-    ).bindparams(bindparam("error", type_=JSONB))
+    ).bindparams(bindparam("error", type_=JSONB), bindparam("cancelled", type_=JSONB))
     params = {
         "job_id": job_id,
         "epoch": epoch,
         "backoff": backoff_s,
         "error": error,
+        "cancelled": cancelled,
         "count": count_attempt,
     }
     status = session.scalar(stmt, params)
@@ -353,17 +355,18 @@ def requeue_for_retry(
         return None
     new_status = JobStatus(status)
     if new_status == JobStatus.CANCELLED:
-        event, text_ = EventKind.CANCELLED, f"cancelled by request (stopped: {message})"
+        event, text_, data = (
+            EventKind.CANCELLED,
+            f"cancelled by request (stopped: {message})",
+            cancelled,
+        )
     elif new_status == JobStatus.FAILED:
-        event, text_ = EventKind.FAILED, f"{kind.value}: {message} (attempts spent)"
+        event, text_, data = EventKind.FAILED, f"{kind.value}: {message} (attempts spent)", error
     elif not count_attempt:
-        event, text_ = EventKind.HANDED_BACK, f"{message}; not counted as an attempt"
+        event, text_, data = EventKind.HANDED_BACK, f"{message}; not counted as an attempt", error
     else:
-        event, text_ = EventKind.RETRY, f"{kind.value}: {message}; retry in {backoff_s:.1f}s"
-    data: dict[str, Any] = error
-    if event == EventKind.CANCELLED:
-        data = {"kind": ErrorKind.CANCELLED.value, "message": "cancelled by request"}
-    elif event == EventKind.RETRY:
+        event = EventKind.RETRY
+        text_ = f"{kind.value}: {message}; retry in {backoff_s:.1f}s"
         data = {**error, "backoff_s": round(backoff_s, 3)}
     add_event(session=session, job_id=job_id, kind=event, epoch=epoch, message=text_, data=data)
     return new_status

@@ -224,19 +224,11 @@ def test_the_api_imports_no_worker_code_or_frameworks() -> None:
 def test_a_job_no_device_could_run_is_accepted_and_says_why(
     client: TestClient, settings: Settings
 ) -> None:
-    from app.db.devices import DeviceRecord, register_devices
+    from app.db.devices import register_devices
     from app.db.session import session_scope
+    from tests.conftest import device_record
 
-    t4 = DeviceRecord(
-        uuid="GPU-t4",
-        host="h",
-        index=0,
-        name="Tesla T4",
-        gpu_type="T4",
-        memory_bytes=15 * 2**30,
-        pci_bus_id="0:0",
-        simulated=False,
-    )
+    t4 = device_record("GPU-t4", gpu_type="T4", gib=15, simulated=False)
     with session_scope(settings.database_url) as s:
         register_devices(session=s, devices=[t4])
     big = client.post("/v1/jobs", json=job_with(resources={"memory_gb": 40}), headers=ALICE)

@@ -16,6 +16,7 @@ from app.db.session import session_scope
 from app.domain.spec import JobSpec
 from app.domain.states import ErrorKind, JobStatus, LeaseOutcome
 from app.settings import Settings
+from tests.conftest import device_record
 
 SPEC = JobSpec.model_validate({"framework": "torch", "max_attempts": 2})
 
@@ -163,32 +164,13 @@ def test_cancel_queued_at_once_and_running_through_the_heartbeat(settings: Setti
     assert beat is not None and beat.cancel_requested
 
 
-def test_retry_waits_for_its_backoff_then_is_dispatched(settings: Settings) -> None:
-    job_id = _submit(settings)
-    grant = _acquire(settings, job_id)
-    assert grant is not None
-    with session_scope(settings.database_url) as s:
-        status = leases.requeue_for_retry(
-            session=s,
-            job_id=job_id,
-            epoch=grant.epoch,
-            kind=ErrorKind.INFRA,
-            message="disk blinked",
-            backoff_s=3600,
-        )
-    assert status == JobStatus.QUEUED
-    assert _acquire(settings, job_id) is None  # not due yet
-    with session_scope(settings.database_url) as s:
-        assert reaping.claim_due_dispatches(session=s, redispatch_after=0.0, limit=10) == []
-        s.execute(text("UPDATE jobs SET retry_at = now() WHERE id = :j"), {"j": job_id})
-    with session_scope(settings.database_url) as s:
-        due = reaping.claim_due_dispatches(session=s, redispatch_after=0.0, limit=10)
-    assert [d.job_id for d in due] == [job_id]
-    assert _acquire(settings, job_id) is not None
-
-
 def _give_back(
-    settings: Settings, job_id: uuid.UUID, epoch: int, *, count_attempt: bool = True
+    settings: Settings,
+    job_id: uuid.UUID,
+    epoch: int,
+    *,
+    count_attempt: bool = True,
+    backoff_s: float = 0,
 ) -> JobStatus | None:
     with session_scope(settings.database_url) as s:
         return leases.requeue_for_retry(
@@ -197,9 +179,24 @@ def _give_back(
             epoch=epoch,
             kind=ErrorKind.INFRA,
             message="trainer crashed",
-            backoff_s=0,
+            backoff_s=backoff_s,
             count_attempt=count_attempt,
         )
+
+
+def test_retry_waits_for_its_backoff_then_is_dispatched(settings: Settings) -> None:
+    job_id = _submit(settings)
+    grant = _acquire(settings, job_id)
+    assert grant is not None
+    assert _give_back(settings, job_id, grant.epoch, backoff_s=3600) == JobStatus.QUEUED
+    assert _acquire(settings, job_id) is None  # not due yet
+    with session_scope(settings.database_url) as s:
+        assert reaping.claim_due_dispatches(session=s, redispatch_after=0.0, limit=10) == []
+        s.execute(text("UPDATE jobs SET retry_at = now() WHERE id = :j"), {"j": job_id})
+    with session_scope(settings.database_url) as s:
+        due = reaping.claim_due_dispatches(session=s, redispatch_after=0.0, limit=10)
+    assert [d.job_id for d in due] == [job_id]
+    assert _acquire(settings, job_id) is not None
 
 
 def test_a_job_given_back_after_a_cancel_request_ends_cancelled_not_queued(
@@ -258,25 +255,12 @@ def test_checkpoints_beyond_the_last_n_are_returned_for_deletion(settings: Setti
     assert stale_all == ["s10", "s20"]
 
 
-def _device(uuid_: str, index: int) -> device_rows.DeviceRecord:
-    return device_rows.DeviceRecord(
-        uuid=uuid_,
-        host="h",
-        index=index,
-        name="Simulated A100",
-        gpu_type="A100",
-        memory_bytes=80 * 2**30,
-        pci_bus_id=f"sim:{index}",
-        simulated=True,
-    )
-
-
 def test_three_claimers_two_devices(settings: Settings) -> None:
     url = settings.database_url
     uuids = ["GPU-a", "GPU-b"]
     with session_scope(url) as s:
         device_rows.register_devices(
-            session=s, devices=[_device(u, i) for i, u in enumerate(uuids)]
+            session=s, devices=[device_record(u, index=i) for i, u in enumerate(uuids)]
         )
     claims = []
     for worker in ("w1", "w2", "w3"):
@@ -297,7 +281,7 @@ def test_the_heartbeat_says_when_the_lease_s_device_was_claimed_by_another_worke
     # Given a job leased on a device its worker has claimed
     url = settings.database_url
     with session_scope(url) as s:
-        device_rows.register_devices(session=s, devices=[_device("GPU-a", 0)])
+        device_rows.register_devices(session=s, devices=[device_record("GPU-a")])
         assert device_rows.claim_device(session=s, uuids=["GPU-a"], worker="w1", ttl=60)
     job_id = _submit(settings)
     with session_scope(url) as s:

@@ -257,20 +257,12 @@ def test_a_worker_that_loses_its_gpu_stops_the_trainer_and_hands_the_job_back(
     fi_settings: Settings,
 ) -> None:
     from app.db import devices as device_rows
+    from tests.conftest import device_record
     from tests.e2e.fleet import cmdline, descendants
 
     # Given a job running on a device its worker has claimed (for long: no keeper runs here)
     identity = WorkerIdentity(worker=IDENTITY.worker, device_uuid="GPU-sim-0", cuda=False)
-    record = device_rows.DeviceRecord(
-        uuid="GPU-sim-0",
-        host="testhost",
-        index=0,
-        name="Simulated T4",
-        gpu_type="T4",
-        memory_bytes=16 * 2**30,
-        pci_bus_id="sim:0",
-        simulated=True,
-    )
+    record = device_record("GPU-sim-0", gpu_type="T4", gib=16)
     with session_scope(fi_settings.database_url) as s:
         device_rows.register_devices(session=s, devices=[record])
         assert device_rows.claim_device(
