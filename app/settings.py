@@ -72,11 +72,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _heartbeat_fits_lease(self) -> Self:
-        # A lease must survive at least two missed heartbeats, or a healthy worker loses it.
-        if self.lease_ttl < 3 * self.heartbeat_interval:
+        # The watchdogs kill a trainer (and stop a worker) after lease_ttl - 2 * heartbeat
+        # without a renewal. That budget must survive two missed heartbeats, or the first late
+        # renewal of a healthy worker already stops it: lease_ttl >= 4 * heartbeat.
+        slack = self.lease_ttl - 2 * self.heartbeat_interval
+        if slack < 2 * self.heartbeat_interval:
             raise ValueError(
-                f"GPUFLEET_LEASE_TTL ({self.lease_ttl:g}s) must be at least three times "
-                f"GPUFLEET_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g}s)"
+                f"GPUFLEET_LEASE_TTL ({self.lease_ttl:g}s) must be at least four times "
+                f"GPUFLEET_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g}s): a worker stops "
+                f"its trainer after lease_ttl - 2 x heartbeat ({slack:g}s) without a renewal, "
+                "which must leave room for two missed heartbeats"
             )
         return self
 

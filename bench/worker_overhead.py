@@ -34,7 +34,8 @@ from app.db.jobs import job_view, submit_job  # noqa: E402
 from app.db.session import session_scope  # noqa: E402
 from app.domain.spec import JobSpec  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from workers.runner import Outcome, Supervisor, WorkerIdentity  # noqa: E402
+from workers.identity import WorkerIdentity  # noqa: E402
+from workers.supervisor import Outcome, Supervisor  # noqa: E402
 
 BARE_LOOP = """
 import sys, time

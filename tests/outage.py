@@ -57,6 +57,13 @@ class CuttableProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
 
+    def restore(self) -> None:
+        """After ``cut``: accept connections again on the same port (the database is back)."""
+        with self._lock:
+            self._listener = socket.create_server(("127.0.0.1", self.port))
+            self._cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
     def freeze(self) -> None:
         """Keep every connection open but pass no byte: a network black hole, where a client
         waits on a reply that never comes."""

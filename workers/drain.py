@@ -8,7 +8,7 @@ process) checks on every loop: it asks the trainer to stop, the trainer saves a 
 its step boundary, and the job is requeued due at once without spending an attempt. The worker
 then exits within seconds, and another worker resumes the job from that checkpoint.
 
-The flag is a file named in the environment (``GPUFLEET_DRAIN_FILE``), set before Celery forks
+The flag is a file, named in the worker's identity (``workers.identity``) before Celery forks
 its pool: Celery's prefork children use SIGUSR1 (soft time limits) and SIGTERM themselves, and
 a file needs no database round trip on every check.
 """
@@ -22,15 +22,12 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-DRAIN_FILE_ENV = "GPUFLEET_DRAIN_FILE"
-
 
 def prepare(worker: str) -> Path:
-    """Name this worker's drain flag (cleared) in the environment its pool will inherit."""
+    """A fresh (cleared) drain flag for this worker process."""
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in worker)
     path = Path(tempfile.gettempdir()) / f"gpufleet-drain-{safe}-{os.getpid()}"
     path.unlink(missing_ok=True)
-    os.environ[DRAIN_FILE_ENV] = str(path)
     return path
 
 
@@ -40,7 +37,6 @@ def request(path: Path) -> None:
     path.touch()
 
 
-def requested() -> bool:
-    """Has this process's worker been told to shut down? Cheap: one stat()."""
-    path = os.environ.get(DRAIN_FILE_ENV)
-    return path is not None and os.path.exists(path)
+def requested(path: Path | None) -> bool:
+    """Has the worker that owns ``path`` been told to shut down? Cheap: one stat()."""
+    return path is not None and path.exists()

@@ -8,7 +8,7 @@ import re
 
 from app.domain.routing import device_queues
 from app.settings import Settings
-from workers import claim, drain
+from workers import claim, drain, identity
 from workers.devices import GpuDevice, discover, sampler_for
 from workers.telemetry import TelemetryLoop
 
@@ -25,14 +25,11 @@ def worker_name(settings: Settings, device: GpuDevice) -> str:
     return f"{device.gpu_type}-{device.index}@{host}"
 
 
-def pin_device(device: GpuDevice, worker: str) -> None:
+def pin_device(device: GpuDevice) -> None:
     """Make the claimed GPU the only one CUDA sees, before anything touches CUDA."""
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     if not device.simulated:
         os.environ["CUDA_VISIBLE_DEVICES"] = device.uuid
-    os.environ["GPUFLEET_WORKER_NAME"] = worker
-    os.environ["GPUFLEET_DEVICE_UUID"] = device.uuid
-    os.environ["GPUFLEET_DEVICE_SIMULATED"] = "1" if device.simulated else "0"
 
 
 def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
@@ -49,7 +46,16 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
     name = worker_name(settings, device)
     # Re-claim under the final name (same row, same transaction semantics: we hold it).
     claim.rename_claim(settings, device, old=pending_name, new=name)
-    pin_device(device, name)
+    pin_device(device)
+    drain_flag = drain.prepare(name)
+    identity.export(
+        identity.WorkerIdentity(
+            worker=name,
+            device_uuid=device.uuid,
+            cuda=not device.simulated,
+            drain_file=drain_flag,
+        )
+    )
     queues = device_queues(device.gpu_type, device.memory_gib)
     log.info(
         "claimed %s (%s, %.1f GiB%s) as %s; consuming %s",
@@ -60,7 +66,6 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
         name,
         ",".join(queues),
     )
-    drain_flag = drain.prepare(name)
     from celery.signals import worker_shutting_down
 
     from workers.celery_app import app

@@ -7,6 +7,8 @@ may run: every pass is bounded and skips rows another reaper has locked.
 
 After losing the database and getting it back, the reaper reaps no lease for one
 ``lease_ttl``: every lease looks expired after an outage, and workers need that long to renew.
+A lease that expired during the outage all the same (its worker stopped itself, or died) is
+reaped after that, without spending its job's attempt: the outage was not the job's fault.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import health
@@ -42,6 +46,10 @@ class Reaper:
         self.dispatcher = dispatcher or Dispatcher(settings)
         self._db_lost = False
         self._quiet_until = 0.0
+        #: database time of the last pass that reached the database.
+        self._last_ok_at: datetime | None = None
+        #: leases that expired within this window (database clock) died of an outage.
+        self._outage: tuple[datetime, datetime] | None = None
 
     def pass_once(self) -> PassReport:
         report = PassReport()
@@ -56,21 +64,27 @@ class Reaper:
 
     def _reap(self, report: PassReport) -> None:
         url, limit = self.settings.database_url, self.settings.reaper_batch
+        with session_scope(url) as session:  # raises while the database is down
+            now: datetime = session.scalar(text("SELECT now()"))
+        ttl = self.settings.lease_ttl
         if self._db_lost:
-            with session_scope(url) as session:  # raises again while it is still down
-                session.connection()
             self._db_lost = False
-            self._quiet_until = time.monotonic() + self.settings.lease_ttl
-            log.warning(
-                "database is back; reaping no lease for %.0fs so workers can renew",
-                self.settings.lease_ttl,
-            )
+            self._quiet_until = time.monotonic() + ttl
+            if self._last_ok_at is not None:
+                self._outage = (self._last_ok_at, now + timedelta(seconds=ttl))
+            log.warning("database is back; reaping no lease for %.0fs so workers can renew", ttl)
+        self._last_ok_at = now
         report.quiet = time.monotonic() < self._quiet_until
         if not report.quiet:
             with session_scope(url) as session:
                 report.reaped = reaping.reap_expired_leases(
-                    session=session, grace=self.settings.reaper_grace, limit=limit
+                    session=session,
+                    grace=self.settings.reaper_grace,
+                    limit=limit,
+                    outage=self._outage,
                 )
+            if self._outage is not None and now > self._outage[1] + timedelta(seconds=ttl):
+                self._outage = None
         for r in report.reaped:
             log.warning("job %s: lease of epoch %s expired; now %s", r.job_id, r.epoch, r.status)
             if r.status == JobStatus.QUEUED:

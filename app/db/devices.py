@@ -109,7 +109,8 @@ def set_current_job(*, session: Session, uuid: str, worker: str, job_id: uuid.UU
 
 
 def record_sample(*, session: Session, uuid: str, worker: str, sample: dict[str, Any]) -> None:
-    """Store the latest sample on the device and fold it into its running job's statistics."""
+    """Store the latest sample on the device and fold it into the statistics of the job this
+    worker runs on it under a live lease."""
     stmt = text(
         """
         WITH d AS (
@@ -119,7 +120,14 @@ def record_sample(*, session: Session, uuid: str, worker: str, sample: dict[str,
         UPDATE jobs SET gpu_util_sum = gpu_util_sum + :util,
                gpu_util_samples = gpu_util_samples + 1,
                gpu_peak_memory_bytes = greatest(gpu_peak_memory_bytes, :mem)
-         WHERE id = (SELECT current_job FROM d) AND status = 'running'
+          FROM d
+         WHERE jobs.id = d.current_job AND jobs.status = 'running'
+           -- fenced: only the job whose live lease of its current epoch runs on this device
+           -- under this worker; a zombie's samples never reach a job now running elsewhere.
+           AND EXISTS (SELECT 1 FROM leases l
+                        WHERE l.job_id = jobs.id AND l.epoch = jobs.epoch
+                          AND l.released_at IS NULL
+                          AND l.device_uuid = :uuid AND l.worker = :worker)
         """
     ).bindparams(bindparam("sample", type_=JSONB))
     session.execute(

@@ -19,6 +19,9 @@ from sqlalchemy.orm import Session
 from app.db.events import add_event
 from app.domain.states import ErrorKind, EventKind, JobStatus, LeaseOutcome
 
+#: hand-backs of one job that do not count as attempts; the next ones do.
+FREE_HANDBACKS = 10
+
 #: The WHERE clause every fenced write shares: the job still runs under this epoch.
 FENCE = "j.id = :job_id AND j.epoch = :epoch AND j.status = 'running'"
 
@@ -306,8 +309,10 @@ def requeue_for_retry(
 ) -> JobStatus | None:
     """Give the job back: queued with ``retry_at``, or failed when its attempts are spent, or
     cancelled when a cancel arrived meanwhile (a queued job must never carry a pending cancel:
-    nothing would lease or cancel it). With ``count_attempt=False`` (the worker is draining) the
-    try is handed back without counting against ``max_attempts``. None if the lease was gone."""
+    nothing would lease or cancel it). With ``count_attempt=False`` (the worker is draining, or
+    lost the database) the try is handed back without counting against ``max_attempts``, up to
+    ``FREE_HANDBACKS`` times per job; past that a hand-back counts, so a job whose workers keep
+    being stopped still ends. None if the lease was gone."""
     error: dict[str, Any] = {"kind": kind.value, "message": message}
     cancelled: dict[str, Any] = {
         "kind": ErrorKind.CANCELLED.value,
@@ -316,14 +321,19 @@ def requeue_for_retry(
     stmt = text(
         f"""
         WITH d AS (
-            SELECT j.id, CASE
+            SELECT j.id, c.counted, CASE
                        WHEN j.cancel_requested THEN 'cancelled'
-                       WHEN :count AND j.attempts >= j.max_attempts THEN 'failed'
+                       WHEN c.counted AND j.attempts >= j.max_attempts THEN 'failed'
                        ELSE 'queued' END AS status
-              FROM jobs j WHERE {FENCE} FOR UPDATE),
+              FROM jobs j CROSS JOIN LATERAL (
+                   -- past the cap a hand-back counts. Every lease row is one acquire and each
+                   -- free hand-back gave its attempt back: the difference is the free ones.
+                   SELECT :count OR (SELECT count(*) FROM leases WHERE job_id = j.id)
+                                    - j.attempts >= :cap AS counted) c
+             WHERE {FENCE} FOR UPDATE OF j),
         j AS (
             UPDATE jobs j SET
-                   attempts = j.attempts - CASE WHEN :count THEN 0 ELSE 1 END,
+                   attempts = j.attempts - CASE WHEN d.counted THEN 0 ELSE 1 END,
                    status = d.status::job_status,
                    finished_at = CASE WHEN d.status <> 'queued' THEN now() END,
                    retry_at = CASE WHEN d.status = 'queued'
@@ -331,7 +341,7 @@ def requeue_for_retry(
                    dispatched_at = NULL,
                    error = CASE WHEN d.status = 'cancelled' THEN :cancelled ELSE :error END
               FROM d WHERE j.id = d.id
-            RETURNING j.id, d.status),
+            RETURNING j.id, d.status, d.counted),
         l AS (
             UPDATE leases SET released_at = now(),
                    outcome = CASE (SELECT status FROM j)
@@ -339,7 +349,7 @@ def requeue_for_retry(
                        WHEN 'cancelled' THEN 'cancelled'::lease_outcome
                        ELSE 'requeued'::lease_outcome END
              WHERE job_id IN (SELECT id FROM j) AND epoch = :epoch AND released_at IS NULL)
-        SELECT status FROM j
+        SELECT status, counted FROM j
         """
     ).bindparams(bindparam("error", type_=JSONB), bindparam("cancelled", type_=JSONB))
     params = {
@@ -349,11 +359,12 @@ def requeue_for_retry(
         "error": error,
         "cancelled": cancelled,
         "count": count_attempt,
+        "cap": FREE_HANDBACKS,
     }
-    status = session.scalar(stmt, params)
-    if status is None:
+    row = session.execute(stmt, params).one_or_none()
+    if row is None:
         return None
-    new_status = JobStatus(status)
+    new_status = JobStatus(row.status)
     if new_status == JobStatus.CANCELLED:
         event, text_, data = (
             EventKind.CANCELLED,
@@ -362,8 +373,12 @@ def requeue_for_retry(
         )
     elif new_status == JobStatus.FAILED:
         event, text_, data = EventKind.FAILED, f"{kind.value}: {message} (attempts spent)", error
-    elif not count_attempt:
+    elif not row.counted:
         event, text_, data = EventKind.HANDED_BACK, f"{message}; not counted as an attempt", error
+    elif not count_attempt:
+        event = EventKind.HANDED_BACK
+        text_ = f"{message}; counted as an attempt: over {FREE_HANDBACKS} free hand-backs"
+        data = error
     else:
         event = EventKind.RETRY
         text_ = f"{kind.value}: {message}; retry in {backoff_s:.1f}s"

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app.db.events import add_event
+from app.db.leases import FREE_HANDBACKS
 from app.domain.states import EventKind, JobStatus
 
 
@@ -30,11 +32,26 @@ class Reaped:
     status: JobStatus  #: queued again, or failed when its attempts were spent
     queue: str
     priority: int
+    #: the expired try counted against max_attempts (False: it died of a database outage).
+    counted: bool = True
 
 
-def reap_expired_leases(*, session: Session, grace: float, limit: int) -> list[Reaped]:
+def reap_expired_leases(
+    *,
+    session: Session,
+    grace: float,
+    limit: int,
+    outage: tuple[datetime, datetime] | None = None,
+) -> list[Reaped]:
     """Close leases expired past ``grace`` and requeue (or fail) their jobs, bumping the epoch so
-    the old holder's next write is refused."""
+    the old holder's next write is refused.
+
+    A lease that expired within ``outage`` (database-clock times: the reaper's last good pass
+    before it lost the database, and one ``lease_ttl`` after it got it back) died of the outage,
+    not of its job: its job goes back without spending an attempt, up to the same cap as a
+    worker's hand-backs (``leases.FREE_HANDBACKS``).
+    """
+    free_from, free_until = outage if outage is not None else (None, None)
     rows = session.execute(
         text(
             """
@@ -47,29 +64,51 @@ def reap_expired_leases(*, session: Session, grace: float, limit: int) -> list[R
             closed AS (
                 UPDATE leases l SET released_at = now(), outcome = 'expired'
                   FROM expired WHERE l.id = expired.id
-                RETURNING l.job_id, l.epoch)
+                RETURNING l.job_id, l.epoch,
+                          coalesce(l.expires_at BETWEEN :free_from AND :free_until, false)
+                              AS in_outage),
+            d AS (
+                SELECT j.id, closed.epoch,
+                       NOT closed.in_outage
+                       OR (SELECT count(*) FROM leases WHERE job_id = j.id) - j.attempts >= :cap
+                           AS counted
+                  FROM jobs j JOIN closed ON j.id = closed.job_id AND j.epoch = closed.epoch
+                 WHERE j.status = 'running')
             UPDATE jobs j SET
                    epoch = j.epoch + 1,
+                   attempts = j.attempts - CASE WHEN d.counted THEN 0 ELSE 1 END,
                    status = CASE
                        WHEN j.cancel_requested THEN 'cancelled'::job_status
-                       WHEN j.attempts >= j.max_attempts THEN 'failed'::job_status
+                       WHEN d.counted AND j.attempts >= j.max_attempts THEN 'failed'::job_status
                        ELSE 'queued'::job_status END,
                    finished_at = CASE
-                       WHEN j.cancel_requested OR j.attempts >= j.max_attempts THEN now() END,
+                       WHEN j.cancel_requested OR (d.counted AND j.attempts >= j.max_attempts)
+                       THEN now() END,
                    error = CASE
                        WHEN j.cancel_requested THEN
                             '{"kind": "cancelled", "message": "cancelled; its worker was lost"}'
+                       WHEN NOT d.counted THEN jsonb_build_object(
+                            'kind', 'infra',
+                            'message', 'the lease of attempt ' || j.attempts ||
+                                       ' expired while the database was unreachable; '
+                                       'not counted as an attempt')
                        ELSE jsonb_build_object(
                             'kind', 'lost_worker',
                             'message', 'the worker holding attempt ' || j.attempts ||
                                        ' stopped heartbeating') END,
                    dispatched_at = now(), retry_at = NULL
-              FROM closed
-             WHERE j.id = closed.job_id AND j.epoch = closed.epoch AND j.status = 'running'
-            RETURNING j.id, closed.epoch, j.status, j.queue, j.priority
+              FROM d
+             WHERE j.id = d.id
+            RETURNING j.id, d.epoch, j.status, j.queue, j.priority, d.counted
             """
         ),
-        {"grace": grace, "limit": limit},
+        {
+            "grace": grace,
+            "limit": limit,
+            "free_from": free_from,
+            "free_until": free_until,
+            "cap": FREE_HANDBACKS,
+        },
     ).all()
     reaped = [
         Reaped(
@@ -78,6 +117,7 @@ def reap_expired_leases(*, session: Session, grace: float, limit: int) -> list[R
             status=JobStatus(r.status),
             queue=r.queue,
             priority=r.priority,
+            counted=r.counted,
         )
         for r in rows
     ]
@@ -87,8 +127,9 @@ def reap_expired_leases(*, session: Session, grace: float, limit: int) -> list[R
             job_id=r.job_id,
             kind=EventKind.LEASE_EXPIRED,
             epoch=r.epoch,
-            message=f"lease of epoch {r.epoch} expired; job {r.status.value}",
-            data={"status": r.status.value},
+            message=f"lease of epoch {r.epoch} expired; job {r.status.value}"
+            + ("" if r.counted else " (database outage: not counted as an attempt)"),
+            data={"status": r.status.value, "counted": r.counted},
         )
     return reaped
 

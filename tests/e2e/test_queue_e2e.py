@@ -195,7 +195,16 @@ def test_worker_whose_lease_was_taken_stops_writing(fleet: Fleet, db_url: str) -
             ),
             {"j": job_id, "e": first_epoch},
         )
+        output = s.scalar(
+            text(
+                "SELECT count(*) FROM job_logs WHERE job_id = :j AND epoch = :e AND "
+                "at > (SELECT at FROM job_events WHERE job_id = :j AND kind = 'lease_expired')"
+            ),
+            {"j": job_id, "e": first_epoch},
+        )
     assert late == 0 and checkpoints == 0
+    # (its trainer's output, buffered while it was frozen, is refused like any other write)
+    assert output == 0
     assert "lease lost" in frozen.log()
 
 

@@ -15,7 +15,8 @@ from app.db.jobs import job_view, submit_job
 from app.db.session import session_scope
 from app.domain.spec import JobSpec
 from app.settings import Settings
-from workers.runner import Outcome, Supervisor, WorkerIdentity
+from workers.identity import WorkerIdentity
+from workers.supervisor import Outcome, Supervisor
 
 pytestmark = [
     pytest.mark.gpu,

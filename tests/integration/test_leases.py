@@ -301,3 +301,84 @@ def test_the_heartbeat_says_when_the_lease_s_device_was_claimed_by_another_worke
         assert device_rows.claim_device(session=s, uuids=["GPU-a"], worker="w2", ttl=60)
     # Then the lease still renews (the job is w1's) but says the device is gone
     assert beat() == leases.Beat(cancel_requested=False, device_held=False)
+
+
+def test_past_the_cap_a_hand_back_counts_so_a_job_stopped_over_and_over_still_ends(
+    settings: Settings,
+) -> None:
+    job_id = _submit(settings)  # max_attempts 2
+    # Given a job whose workers were stopped FREE_HANDBACKS times, none counted
+    for _ in range(leases.FREE_HANDBACKS):
+        grant = _acquire(settings, job_id)
+        assert grant is not None and grant.attempt == 1
+        assert _give_back(settings, job_id, grant.epoch, count_attempt=False) == JobStatus.QUEUED
+    # When it is handed back twice more
+    grant = _acquire(settings, job_id)
+    assert grant is not None
+    assert _give_back(settings, job_id, grant.epoch, count_attempt=False) == JobStatus.QUEUED
+    grant = _acquire(settings, job_id)
+    assert grant is not None and grant.attempt == 2
+    # Then each counted, and its attempts spent, the job ends
+    assert _give_back(settings, job_id, grant.epoch, count_attempt=False) == JobStatus.FAILED
+    with session_scope(settings.database_url) as s:
+        messages = s.scalars(
+            text("SELECT message FROM job_events WHERE job_id = :j AND kind = 'handed_back'"),
+            {"j": job_id},
+        ).all()
+    assert len(messages) == leases.FREE_HANDBACKS + 1
+    assert "counted as an attempt" in messages[-1] and "not counted" in messages[0]
+
+
+def test_a_zombie_s_output_and_gpu_samples_never_reach_the_job_now_running_elsewhere(
+    settings: Settings,
+) -> None:
+    from app.db.logs import append_log
+
+    url = settings.database_url
+    with session_scope(url) as s:
+        device_rows.register_devices(
+            session=s, devices=[device_record("GPU-a"), device_record("GPU-b", index=1)]
+        )
+        assert device_rows.claim_device(session=s, uuids=["GPU-a"], worker="w1", ttl=60)
+        assert device_rows.claim_device(session=s, uuids=["GPU-b"], worker="w2", ttl=60)
+    # Given a job that w1 ran on GPU-a, until it froze and the job was taken over by w2 on GPU-b
+    job_id = _submit(settings)
+    with session_scope(url) as s:
+        old = leases.acquire_lease(
+            session=s, job_id=job_id, worker="w1", device_uuid="GPU-a", ttl=60
+        )
+        assert old is not None
+        device_rows.set_current_job(session=s, uuid="GPU-a", worker="w1", job_id=job_id)
+    _expire(settings, job_id)
+    _reap(settings)
+    with session_scope(url) as s:
+        new = leases.acquire_lease(
+            session=s, job_id=job_id, worker="w2", device_uuid="GPU-b", ttl=60
+        )
+        assert new is not None
+        device_rows.set_current_job(session=s, uuid="GPU-b", worker="w2", job_id=job_id)
+    sample = {"utilization": 90.0, "memory_used_bytes": 7 * 2**30}
+
+    def counters() -> tuple[int, int, int]:
+        with session_scope(url) as s:
+            row = s.execute(
+                text(
+                    "SELECT gpu_util_samples, gpu_peak_memory_bytes, "
+                    "(SELECT count(*) FROM job_logs WHERE job_id = :j) AS logs "
+                    "FROM jobs WHERE id = :j"
+                ),
+                {"j": job_id},
+            ).one()
+        return row.gpu_util_samples, row.gpu_peak_memory_bytes or 0, row.logs
+
+    # When the zombie wakes up and writes its output and its GPU sample
+    with session_scope(url) as s:
+        assert not append_log(session=s, job_id=job_id, epoch=old.epoch, chunk="zombie")
+        device_rows.record_sample(session=s, uuid="GPU-a", worker="w1", sample=sample)
+    # Then neither lands on the job
+    assert counters() == (0, 0, 0)
+    # while the new holder's do
+    with session_scope(url) as s:
+        assert append_log(session=s, job_id=job_id, epoch=new.epoch, chunk="alive")
+        device_rows.record_sample(session=s, uuid="GPU-b", worker="w2", sample=sample)
+    assert counters() == (1, 7 * 2**30, 1)

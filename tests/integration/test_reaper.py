@@ -87,3 +87,45 @@ def test_it_resends_only_the_wake_ups_the_broker_lost(settings: Settings, redis_
     # Then the next pass sends exactly two, and the broker holds one per job again
     assert reaper.pass_once().dispatched == 2
     assert dispatcher.pending("gpu.any.8") == 5
+
+
+def test_a_lease_that_expired_during_its_database_outage_costs_no_attempt(
+    settings: Settings,
+) -> None:
+    # Given a reaper that has seen the database, and a job whose lease is about to expire
+    reaper = Reaper(settings)
+    reaper.pass_once()
+    job_id = _running_job_with_expired_lease(settings)
+    with session_scope(settings.database_url) as s:
+        s.execute(
+            text("UPDATE leases SET expires_at = now() + interval '0.5 s' WHERE job_id = :j"),
+            {"j": job_id},
+        )
+    # When the database is unreachable while the lease expires (its worker could not renew)
+    reaper.settings = settings.model_copy(update={"database_url": _unreachable(settings)})
+    assert reaper.pass_once().reaped == []
+    time.sleep(1.0)
+    reaper.settings = settings
+    assert reaper.pass_once().quiet
+    time.sleep(settings.lease_ttl)
+    # Then, once the workers had their lease_ttl to renew, the job is requeued without
+    # spending its attempt, and says why
+    report = reaper.pass_once()
+    assert [(r.job_id, r.counted) for r in report.reaped] == [(job_id, False)]
+    with session_scope(settings.database_url) as s:
+        row = s.execute(
+            text("SELECT status, attempts, error FROM jobs WHERE id = :j"), {"j": job_id}
+        ).one()
+    assert row.status == "queued" and row.attempts == 0
+    assert "database was unreachable" in row.error["message"]
+
+
+def test_a_worker_lost_outside_an_outage_still_spends_its_attempt(settings: Settings) -> None:
+    reaper = Reaper(settings)
+    reaper.pass_once()
+    job_id = _running_job_with_expired_lease(settings)
+    report = reaper.pass_once()
+    assert [(r.job_id, r.counted) for r in report.reaped] == [(job_id, True)]
+    with session_scope(settings.database_url) as s:
+        attempts = s.scalar(text("SELECT attempts FROM jobs WHERE id = :j"), {"j": job_id})
+    assert attempts == 1

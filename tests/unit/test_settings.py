@@ -11,7 +11,10 @@ from app.settings import SettingsError, get_settings
     ("variable", "value", "needle"),
     [
         ("GPUFLEET_FAKE_GPUS", "A100=80", "GPUFLEET_FAKE_GPUS: expected TYPE:GB"),
-        ("GPUFLEET_LEASE_TTL", "5", "GPUFLEET_LEASE_TTL (5s) must be at least three times"),
+        ("GPUFLEET_LEASE_TTL", "5", "GPUFLEET_LEASE_TTL (5s) must be at least four times"),
+        # exactly three heartbeats leave the watchdog one interval: the first late renewal
+        # would stop a healthy worker
+        ("GPUFLEET_LEASE_TTL", "30", "GPUFLEET_HEARTBEAT_INTERVAL (10s)"),
         ("GPUFLEET_LEASE_TTL", "soon", "GPUFLEET_LEASE_TTL"),
         ("GPUFLEET_API_TOKENS", "alice", "GPUFLEET_API_TOKENS: expected tenant:token"),
         ("GPUFLEET_HEARTBEAT_INTERVAL", "-1", "GPUFLEET_HEARTBEAT_INTERVAL"),

@@ -31,6 +31,7 @@ from app.domain.spec import check_policy
 from workers.trainers.context import TrainContext
 from workers.trainers.control import ControlChannel, StopFlag
 from workers.trainers.errors import StopRequested, UserError
+from workers.trainers.lifeline import bind_to_supervisor
 from workers.trainers.protocol import (
     EXIT_INFRA,
     EXIT_OK,
@@ -152,6 +153,7 @@ def run(launch: Launch, channel: ControlChannel, stop: StopFlag) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    bind_to_supervisor()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m workers.trainers.main LAUNCH.json", file=sys.stderr)

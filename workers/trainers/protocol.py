@@ -1,4 +1,4 @@
-"""The contract between the supervisor (``workers.runner``) and a trainer process.
+"""The contract between the supervisor (``workers.supervisor``) and a trainer process.
 
 The supervisor starts ``python -m workers.trainers.main LAUNCH.json`` with:
 
@@ -21,15 +21,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+# How a trainer ended (the exit code); the supervisor's decision table reads them.
+from app.domain.outcome import EXIT_INFRA as EXIT_INFRA
+from app.domain.outcome import EXIT_OK as EXIT_OK
+from app.domain.outcome import EXIT_OOM as EXIT_OOM
+from app.domain.outcome import EXIT_STOPPED as EXIT_STOPPED
+from app.domain.outcome import EXIT_USER_ERROR as EXIT_USER_ERROR
 from app.domain.spec import JobSpec
 
 CONTROL_FD_ENV = "GPUFLEET_CONTROL_FD"
-
-EXIT_OK = 0  #: finished; a ``result`` message was sent
-EXIT_STOPPED = 40  #: stopped on request (cancel, lost lease) after saving a checkpoint
-EXIT_OOM = 41  #: out of memory at the current micro-batch
-EXIT_USER_ERROR = 42  #: the spec or the user's code is wrong; retrying will not help
-EXIT_INFRA = 43  #: a transient failure (IO, injected transient fault); retry may help
 
 
 class Launch(BaseModel):

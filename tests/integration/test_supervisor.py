@@ -3,6 +3,8 @@ OOM backoff, failure classes, retries and cancellation."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import threading
 import time
@@ -17,7 +19,8 @@ from app.db.jobs import cancel_job, job_view, submit_job
 from app.db.session import session_scope
 from app.domain.spec import JobSpec
 from app.settings import Settings
-from workers.runner import Outcome, Supervisor, WorkerIdentity
+from workers.identity import WorkerIdentity
+from workers.supervisor import Outcome, Supervisor
 
 IDENTITY = WorkerIdentity(worker="test-worker@testhost", device_uuid=None, cuda=False)
 
@@ -246,11 +249,15 @@ def test_a_supervisor_that_cannot_renew_kills_its_trainer_before_the_lease_expir
     while Path(f"/proc/{trainers[0]}").exists() and "trainers" in cmdline(trainers[0]):
         assert time.monotonic() - failed_at < fi_settings.lease_ttl, "trainer outlived its lease"
         time.sleep(0.05)
-    proxy.thaw()
+    # And once the database answers again, the job is handed back without spending an attempt:
+    # an outage is not the job's fault
+    proxy.thaw() if outage == "freeze" else proxy.restore()
     runner.join(timeout=60)
-    assert outcome == [Outcome.LEASE_LOST]
-    # And the job is left running under a lease that expires, for the reaper to requeue
-    assert view(fi_settings, job_id)["status"] == "running"
+    assert outcome == [Outcome.REQUEUED]
+    job = view(fi_settings, job_id)
+    assert job["status"] == "queued" and job["attempts"] == 0
+    handed_back = [m for k, _, m in events(fi_settings, job_id) if k == "handed_back"]
+    assert len(handed_back) == 1 and "could not reach the database" in handed_back[0]
 
 
 def test_a_worker_that_loses_its_gpu_stops_the_trainer_and_hands_the_job_back(
@@ -294,17 +301,16 @@ def test_a_worker_that_loses_its_gpu_stops_the_trainer_and_hands_the_job_back(
 
 
 def test_a_draining_worker_hands_its_job_back_at_a_checkpoint_without_spending_an_attempt(
-    fi_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fi_settings: Settings, tmp_path: Path
 ) -> None:
     from app.queue import Dispatcher
-    from workers import drain
 
     flag = tmp_path / "drain"
-    monkeypatch.setenv(drain.DRAIN_FILE_ENV, str(flag))
+    draining = dataclasses.replace(IDENTITY, drain_file=flag)
     training = {"epochs": 8, "batch_size": 256, "checkpoint_every_steps": 5}
     job_id = submit(fi_settings, spec(faults={"step_delay_s": 0.1}, training=training))
     baseline_id = submit(fi_settings, spec(training=training))
-    runner, outcome = run_in_background(fi_settings, job_id, until_step=7)
+    runner, outcome = run_in_background(fi_settings, job_id, until_step=7, identity=draining)
     # When its worker starts shutting down (between two checkpoints)
     flag.touch()
     runner.join(timeout=60)
@@ -329,3 +335,114 @@ def test_a_draining_worker_hands_its_job_back_at_a_checkpoint_without_spending_a
         for k, _, m in events(fi_settings, job_id)
     )
     assert resumed["result"]["weights_sha256"] == baseline["result"]["weights_sha256"]
+
+
+def _log_text(settings: Settings, job_id: uuid.UUID) -> str:
+    with session_scope(settings.database_url) as s:
+        chunks = s.scalars(
+            text("SELECT chunk FROM job_logs WHERE job_id = :j ORDER BY id"), {"j": job_id}
+        ).all()
+    return "".join(chunks)
+
+
+def _probe(settings: Settings, entrypoint: str) -> tuple[Settings, uuid.UUID]:
+    allowed = settings.model_copy(update={"entrypoint_allow": "tests.custom_trainers"})
+    job = spec(entrypoint=f"tests.custom_trainers.probes:{entrypoint}")
+    return allowed, submit(allowed, job)
+
+
+def test_the_trainer_never_sees_the_worker_s_secrets(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a worker whose environment holds the database and broker URLs, API tokens and
+    # storage credentials (as a real worker's does)
+    secrets = {
+        "GPUFLEET_DATABASE_URL": settings.database_url,
+        "GPUFLEET_BROKER_URL": settings.broker_url,
+        "GPUFLEET_API_TOKENS": "t:secret-token",
+        "AWS_SECRET_ACCESS_KEY": "secret-key",
+        "DATABASE_URL": settings.database_url,
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    allowed, job_id = _probe(settings, "dump_environment")
+    # When a job's own code dumps its environment
+    assert Supervisor(allowed, IDENTITY).run(job_id) == Outcome.SUCCEEDED
+    line = next(x for x in _log_text(allowed, job_id).splitlines() if x.startswith("ENVIRONMENT"))
+    names = set(json.loads(line.removeprefix("ENVIRONMENT ")))
+    # Then it finds none of them, but what a training process needs
+    assert not names & set(secrets)
+    assert {"PATH", "OMP_NUM_THREADS", "GPUFLEET_CONTROL_FD"} <= names
+    assert {n for n in names if n.startswith("GPUFLEET_")} <= {
+        "GPUFLEET_CONTROL_FD",
+        "GPUFLEET_SUPERVISOR_PID",
+    }
+
+
+def test_stopping_a_trainer_stops_everything_it_spawned(settings: Settings) -> None:
+    # Given a trainer that started a long-lived child of its own
+    allowed, job_id = _probe(settings, "spawn_and_wait")
+    runner, outcome = run_in_background(allowed, job_id, until_step=2)
+    deadline = time.monotonic() + 10
+    while not (lines := [x for x in _log_text(allowed, job_id).splitlines() if "CHILD" in x]):
+        assert time.monotonic() < deadline, "the trainer's output never reached its log"
+        time.sleep(0.1)
+    child = int(lines[0].split()[1])
+    assert Path(f"/proc/{child}").exists()
+    # When the job is cancelled
+    with session_scope(allowed.database_url) as s:
+        cancel_job(session=s, tenant="t", job_id=job_id)
+    runner.join(timeout=60)
+    # Then the trainer and its child are both gone
+    assert outcome == [Outcome.CANCELLED]
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "the trainer's child outlived the job"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("first", ["drain", "device"])
+def test_a_drain_and_a_lost_device_together_end_as_a_lost_device_whichever_comes_first(
+    fi_settings: Settings, tmp_path: Path, first: str
+) -> None:
+    from app.db import devices as device_rows
+    from tests.conftest import device_record
+
+    # Given a job between two slow steps on a claimed device, on a worker with a drain flag
+    flag = tmp_path / "drain"
+    identity = WorkerIdentity(
+        worker=IDENTITY.worker, device_uuid="GPU-sim-0", cuda=False, drain_file=flag
+    )
+    record = device_record("GPU-sim-0", gpu_type="T4", gib=16)
+    with session_scope(fi_settings.database_url) as s:
+        device_rows.register_devices(session=s, devices=[record])
+        assert device_rows.claim_device(
+            session=s, uuids=[record.uuid], worker=identity.worker, ttl=600
+        )
+    job_id = submit(fi_settings, spec(faults={"step_delay_s": 1.5}, training={"epochs": 50}))
+    runner, outcome = run_in_background(fi_settings, job_id, until_step=1, identity=identity)
+
+    def steal() -> None:
+        with session_scope(fi_settings.database_url) as s:
+            s.execute(text("UPDATE devices SET worker = 'thief@otherhost'"))
+
+    # When the worker is told to stop and loses its GPU, in either order, the second arriving
+    # after the supervisor has acted on the first (the trainer is still between two steps)
+    for event in ["drain", "device"] if first == "drain" else ["device", "drain"]:
+        flag.touch() if event == "drain" else steal()
+        time.sleep(2 * fi_settings.heartbeat_interval)
+    runner.join(timeout=60)
+    # Then the lost device decides (documented precedence): an infrastructure try, counted
+    assert outcome == [Outcome.REQUEUED]
+    job = view(fi_settings, job_id)
+    assert job["attempts"] == 1 and "lost its claim" in job["error"]["message"]
+    assert [k for k, _, _ in events(fi_settings, job_id)].count("handed_back") == 0

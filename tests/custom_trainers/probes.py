@@ -1,0 +1,35 @@
+"""Trainers that look at the process they run in (the sandbox tests use them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from typing import Any
+
+from workers.trainers.context import TrainContext
+from workers.trainers.errors import StopRequested
+
+
+def _result(ctx: TrainContext) -> dict[str, Any]:
+    return {"final_loss": 0.0, "model_path": str(ctx.checkpoint_dir), "weights_sha256": "0" * 64}
+
+
+def dump_environment(ctx: TrainContext) -> dict[str, Any]:
+    """Print the names of every variable this process can read (to the job's log)."""
+    print("ENVIRONMENT " + json.dumps(sorted(os.environ)), flush=True)
+    return _result(ctx)
+
+
+def spawn_and_wait(ctx: TrainContext) -> dict[str, Any]:
+    """Start a child that would sleep for minutes, as a DataLoader worker would live on, then
+    train until told to stop."""
+    child = subprocess.Popen(["sleep", "300"])
+    print(f"CHILD {child.pid}", flush=True)
+    step = 0
+    while not ctx.should_stop():
+        step += 1
+        ctx.report(step, 10_000, epoch=1, loss=1.0)
+        time.sleep(0.1)
+    raise StopRequested

@@ -1,0 +1,204 @@
+"""The parts the supervisor's loop ticks while a trainer runs, each with its own constants.
+
+- :class:`Heartbeat` renews the lease, and through it learns of a cancel or a lost GPU claim;
+- :class:`DrainCheck` notices that the worker is shutting down;
+- :class:`StopEscalation` stops the trainer: ask, then SIGTERM, then SIGKILL (the group);
+- :class:`OutputShipper` ships the trainer's output to the job's log in bounded chunks;
+- :class:`Relay` turns the trainer's messages into fenced writes.
+
+None of them decides how the run ends: they report stop reasons (``app.domain.stopping``) and
+facts, and the supervisor decides once, at the end (``app.domain.outcome``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.domain.states import EventKind
+from app.domain.stopping import StopReason
+from workers import drain
+from workers.lease_writer import LeaseWriter
+from workers.trainer_process import TrainerProcess
+from workers.trainers import protocol
+from workers.watchdog import Deadline
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Renews the lease every ``interval``; after a failed renewal, tries again promptly."""
+
+    #: a failed renewal is retried after this share of the interval (at most RETRY_MAX_S).
+    RETRY_SHARE = 0.25
+    RETRY_MAX_S = 1.0
+
+    def __init__(self, writer: LeaseWriter, deadline: Deadline, *, interval: float) -> None:
+        self.writer = writer
+        self.deadline = deadline
+        self.interval = interval
+        self.next_at = time.monotonic() + interval
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.next_at - time.monotonic())
+
+    def tick(self) -> list[StopReason]:
+        """Renew if due. Returns the stop reasons the renewal revealed; raises LeaseLost."""
+        if time.monotonic() < self.next_at:
+            return []
+        try:
+            beat = self.writer.heartbeat()
+        except SQLAlchemyError as exc:  # the watchdog decides when this means giving up
+            retry = min(self.interval * self.RETRY_SHARE, self.RETRY_MAX_S)
+            self.next_at = time.monotonic() + retry
+            log.warning(
+                "%s: heartbeat failed (%.1fs without renewal; next try in %.2fs): %s",
+                self.writer.tag,
+                self.deadline.silent_for,
+                retry,
+                exc,
+            )
+            return []
+        self.deadline.renew()
+        self.next_at = time.monotonic() + self.interval
+        reasons = []
+        if not beat.device_held:
+            reasons.append(StopReason.DEVICE_LOST)
+        if beat.cancel_requested:
+            reasons.append(StopReason.CANCELLED)
+        return reasons
+
+
+class DrainCheck:
+    """One ``stat()`` per tick: has this worker been told to shut down?"""
+
+    def __init__(self, flag: Path | None) -> None:
+        self.flag = flag
+
+    def tick(self) -> list[StopReason]:
+        return [StopReason.DRAINING] if drain.requested(self.flag) else []
+
+
+class StopEscalation:
+    """Ask the trainer to stop; SIGTERM its group after STOP_GRACE_S, SIGKILL after TERM_GRACE_S
+    more. A reason that kills skips the asking."""
+
+    #: seconds a trainer gets to checkpoint and exit after being asked, then after SIGTERM.
+    STOP_GRACE_S = 10.0
+    TERM_GRACE_S = 5.0
+
+    def __init__(self, trainer: TrainerProcess) -> None:
+        self.trainer = trainer
+        self.asked_at: float | None = None
+        self.term_at: float | None = None
+
+    def begin(self, reason: StopReason) -> None:
+        if reason.kills:
+            self.trainer.signal_group(signal.SIGKILL)
+        elif self.asked_at is None:
+            self.asked_at = time.monotonic()
+            self.trainer.ask_stop()
+
+    def tick(self) -> None:
+        if self.asked_at is None or self.trainer.poll() is not None:
+            return
+        now = time.monotonic()
+        if self.term_at is None and now - self.asked_at > self.STOP_GRACE_S:
+            self.term_at = now
+            self.trainer.signal_group(signal.SIGTERM)
+        elif self.term_at is not None and now - self.term_at > self.TERM_GRACE_S:
+            self.trainer.signal_group(signal.SIGKILL)
+
+
+class OutputShipper:
+    """Buffers the trainer's output and stores it every FLUSH_S, or at FLUSH_BYTES."""
+
+    FLUSH_S = 1.0
+    FLUSH_BYTES = 64 * 1024
+
+    def __init__(self, writer: LeaseWriter) -> None:
+        self.writer = writer
+        self.buffer = b""
+        self.flushed_at = time.monotonic()
+
+    def feed(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        if len(self.buffer) >= self.FLUSH_BYTES:
+            self.flush()
+
+    def tick(self) -> None:
+        if self.buffer and time.monotonic() - self.flushed_at >= self.FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Store what is buffered. Refused (a zombie's output) raises LeaseLost."""
+        if not self.buffer:
+            return
+        text = self.buffer.decode(errors="replace")
+        self.buffer = b""
+        self.flushed_at = time.monotonic()
+        self.writer.output(text)
+
+
+class Relay:
+    """Reads the trainer's control messages and writes what they say, fenced. It keeps only
+    what decides the run's end (the result or the failure), not the messages themselves."""
+
+    def __init__(self, writer: LeaseWriter, *, checkpoints_keep: int) -> None:
+        self.writer = writer
+        self.checkpoints_keep = checkpoints_keep
+        self.partial = b""
+        self.result: protocol.Result | None = None
+        self.failure: protocol.Failure | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self.partial += chunk
+        *lines, self.partial = self.partial.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                msg = protocol.decode(line)
+            except ValueError as exc:
+                log.warning(
+                    "%s: unreadable trainer message %r: %s", self.writer.tag, line[:200], exc
+                )
+                continue
+            self.handle(msg)
+
+    def handle(self, msg: Any) -> None:
+        w = self.writer
+        if isinstance(msg, protocol.Progress):
+            w.progress(msg.model_dump(exclude={"type"}))
+        elif isinstance(msg, protocol.CheckpointSaved):
+            for path in w.checkpoint(step=msg.step, path=msg.path, keep=self.checkpoints_keep):
+                remove_checkpoint(Path(path))
+        elif isinstance(msg, protocol.CheckpointSkipped):
+            w.event(EventKind.CHECKPOINT_SKIPPED, f"{msg.path}: {msg.reason}", _data(msg))
+        elif isinstance(msg, protocol.Resumed):
+            w.event(EventKind.RESUMED, f"resumed at step {msg.step} from {msg.path}", _data(msg))
+        elif isinstance(msg, protocol.GpuMemory):
+            w.gpu_peak(msg.peak_bytes)
+        elif isinstance(msg, protocol.Result):
+            self.result = msg
+        elif isinstance(msg, protocol.Failure):
+            self.failure = msg
+
+
+def _data(msg: Any) -> dict[str, Any]:
+    data: dict[str, Any] = msg.model_dump(exclude={"type"})
+    return data
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint beyond the last N (a file, or a directory for TensorFlow)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

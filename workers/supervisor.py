@@ -1,0 +1,228 @@
+"""The lease lifecycle around a trainer: win the lease, run the trainer under watch, end it.
+
+The supervisor runs in the Celery task process. It wins the lease, then runs the trainer
+(``workers.trainer_process``) under watch (``workers.watch``) until it exits, and lets one pure
+function (``app.domain.outcome.decide``) say how the run ends: finish, fail, requeue with
+backoff, hand back, shrink the micro-batch and start again in the same lease, or write nothing
+because the lease is gone. Every write goes through one fenced writer (``LeaseWriter``).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import uuid
+from enum import StrEnum
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.db import devices as device_rows
+from app.db import leases
+from app.db.session import session_scope
+from app.domain import outcome as decision
+from app.domain.retry import accumulation_for, infra_backoff
+from app.domain.spec import JobSpec
+from app.domain.states import ErrorKind, JobStatus, LeaseOutcome
+from app.domain.stopping import StopReason
+from app.settings import Settings
+from workers.identity import WorkerIdentity
+from workers.lease_writer import LeaseWriter
+from workers.trainer_process import TrainerProcess
+from workers.trainers.protocol import Launch
+from workers.watch import TrainerRun, WatchSettings, watch
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    SKIPPED = "skipped"  #: someone else holds the job (duplicate delivery): not an error
+    SUCCEEDED = "succeeded"  #: the job finished with a result
+    FAILED = "failed"  #: the job failed for good
+    CANCELLED = "cancelled"  #: the job was cancelled
+    REQUEUED = "requeued"  #: handed back for a retry with backoff
+    LEASE_LOST = "lease_lost"  #: the lease was taken away; this worker stopped writing
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, identity: WorkerIdentity) -> None:
+        self.settings = settings
+        self.identity = identity
+        #: how long an end-of-run write is retried while the database is unreachable: as long
+        #: as the lease survives without a heartbeat. Giving up leaves the job to the reaper.
+        self.end_budget = settings.lease_ttl - 2 * settings.heartbeat_interval
+
+    def run(self, job_id: uuid.UUID) -> Outcome:
+        with session_scope(self.settings.database_url) as session:
+            grant = leases.acquire_lease(
+                session=session,
+                job_id=job_id,
+                worker=self.identity.worker,
+                device_uuid=self.identity.device_uuid,
+                ttl=self.settings.lease_ttl,
+            )
+        if grant is None:
+            log.info("job %s: not leased (already taken, finished or not due); ack", job_id)
+            return Outcome.SKIPPED
+        log.info("job %s epoch %s: leased (attempt %s)", job_id, grant.epoch, grant.attempt)
+        self._set_device_job(job_id)
+        try:
+            outcome = self._run_lease(grant)
+        except SQLAlchemyError as exc:
+            # An end-of-run write gave up on an unreachable database: the lease expires and the
+            # reaper requeues the job.
+            log.error(
+                "job %s epoch %s: could not end the run (%s); left to the reaper",
+                job_id,
+                grant.epoch,
+                exc,
+            )
+            outcome = Outcome.LEASE_LOST
+        finally:
+            self._set_device_job(None)
+        log.info("job %s epoch %s: %s", job_id, grant.epoch, outcome.value)
+        return outcome
+
+    def _set_device_job(self, job_id: uuid.UUID | None) -> None:
+        device = self.identity.device_uuid
+        if device is None:
+            return
+        try:
+            with session_scope(self.settings.database_url) as session:
+                device_rows.set_current_job(
+                    session=session, uuid=device, worker=self.identity.worker, job_id=job_id
+                )
+        except SQLAlchemyError as exc:  # telemetry only; the lease is what matters
+            log.warning("could not mark device %s busy/idle: %s", device, exc)
+
+    def _run_lease(self, grant: leases.LeaseGrant) -> Outcome:
+        writer = LeaseWriter(
+            self.settings.database_url, grant.job_id, grant.epoch, ttl=self.settings.lease_ttl
+        )
+        try:
+            spec = JobSpec.model_validate(grant.spec)
+        except ValueError as exc:
+            return self._apply(
+                decision.Fail(ErrorKind.USER_ERROR, f"invalid spec: {exc}"), grant, writer, None
+            )
+        batch = spec.training.batch_size
+        micro = min(grant.micro_batch or batch, batch)
+        checkpoints = grant.checkpoints
+        while True:
+            run = self._run_trainer(grant, spec, micro, checkpoints, writer)
+            end = decision.decide(
+                decision.RunFacts(
+                    stop=run.stop,
+                    exit_code=run.exit_code,
+                    has_result=run.result is not None,
+                    micro_batch=micro,
+                    failure_message=run.failure.message if run.failure else None,
+                    device_suspect=getattr(run.failure, "device_suspect", False),
+                    worker=self.identity.worker,
+                    device=self.identity.device_uuid or "(none)",
+                )
+            )
+            if not isinstance(end, decision.Shrink):
+                return self._apply(end, grant, writer, spec, run)
+            if not writer.shrink(
+                old=micro, new=end.micro_batch, batch_size=batch, budget=self.end_budget
+            ):
+                return Outcome.LEASE_LOST
+            log.warning(
+                "%s: OOM at micro-batch %s; retrying with %s x %s",
+                writer.tag,
+                micro,
+                end.micro_batch,
+                accumulation_for(batch, end.micro_batch),
+            )
+            micro = end.micro_batch
+            checkpoints = writer.checkpoints()
+
+    def _apply(
+        self,
+        end: decision.Decision,
+        grant: leases.LeaseGrant,
+        writer: LeaseWriter,
+        spec: JobSpec | None,
+        run: TrainerRun | None = None,
+    ) -> Outcome:
+        """Write the decided end of the run; the outcome the task reports."""
+        budget = self.end_budget
+        if isinstance(end, decision.Abandon):
+            return Outcome.LEASE_LOST
+        if isinstance(end, decision.Succeed):
+            assert run is not None and run.result is not None
+            result = run.result.model_dump(exclude={"type"})
+            done = writer.finish(LeaseOutcome.SUCCEEDED, result=result, budget=budget)
+            return Outcome.SUCCEEDED if done else Outcome.LEASE_LOST
+        if isinstance(end, decision.Fail):
+            error = {"kind": end.kind.value, "message": end.message}
+            done = writer.finish(LeaseOutcome.FAILED, error=error, budget=budget)
+            return Outcome.FAILED if done else Outcome.LEASE_LOST
+        if isinstance(end, decision.Cancel):
+            error = {"kind": ErrorKind.CANCELLED.value, "message": "cancelled by request"}
+            done = writer.finish(LeaseOutcome.CANCELLED, error=error, budget=budget)
+            return Outcome.CANCELLED if done else Outcome.LEASE_LOST
+        assert isinstance(end, decision.Requeue)
+        if run is not None and run.stop is StopReason.DATABASE_UNREACHABLE:
+            # The watchdog spent the usual budget already; the lease is ours until the reaper,
+            # back from the same outage, waits its grace out. Keep trying that long.
+            budget = self.settings.lease_ttl + self.settings.reaper_interval
+        backoff = 0.0 if end.immediate else infra_backoff(grant.attempt)
+        status = writer.requeue(
+            message=end.message, backoff_s=backoff, counted=end.counted, budget=budget
+        )
+        if status is None:
+            return Outcome.LEASE_LOST
+        if status == JobStatus.CANCELLED:
+            return Outcome.CANCELLED
+        if status.is_final:
+            return Outcome.FAILED
+        if end.immediate and spec is not None:
+            # Wake another worker now rather than leave the job until the reaper's next pass
+            # (which still covers a failed send).
+            from app.queue import Dispatcher
+
+            Dispatcher(self.settings).dispatch(
+                job_id=grant.job_id, queue=spec.queue, priority=spec.priority
+            )
+        return Outcome.REQUEUED
+
+    def _run_trainer(
+        self,
+        grant: leases.LeaseGrant,
+        spec: JobSpec,
+        micro: int,
+        checkpoints: list[str],
+        writer: LeaseWriter,
+    ) -> TrainerRun:
+        cfg = WatchSettings(
+            heartbeat_interval=self.settings.heartbeat_interval,
+            watchdog_budget=self.settings.lease_ttl - 2 * self.settings.heartbeat_interval,
+            checkpoints_keep=self.settings.checkpoints_keep,
+            drain_flag=self.identity.drain_file,
+        )
+        with tempfile.TemporaryDirectory(prefix="gpufleet-") as tmp:
+            launch_file = self._launch(grant, spec, micro, checkpoints, Path(tmp))
+            return watch(TrainerProcess(launch_file), writer, cfg)
+
+    def _launch(
+        self, grant: leases.LeaseGrant, spec: JobSpec, micro: int, checkpoints: list[str], tmp: Path
+    ) -> Path:
+        launch = Launch(
+            job_id=str(grant.job_id),
+            epoch=grant.epoch,
+            attempt=grant.attempt,
+            spec=spec,
+            checkpoint_dir=(self.settings.checkpoint_root / str(grant.job_id)).resolve(),
+            resume_from=[Path(p) for p in checkpoints],
+            micro_batch=micro,
+            data_root=self.settings.data_root.resolve(),
+            device="cuda" if self.identity.cuda else "cpu",
+            fault_injection=self.settings.fault_injection,
+            entrypoint_prefixes=self.settings.entrypoint_prefixes,
+        )
+        launch.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = tmp / "launch.json"
+        launch.dump(path)
+        return path

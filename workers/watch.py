@@ -1,0 +1,124 @@
+"""One trainer run under watch: the loop that ticks the supervision parts until the trainer
+exits, and the facts it leaves for the decision (``app.domain.outcome``)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.domain.stopping import StopReason, StopReasons
+from workers.lease_writer import LeaseLost, LeaseWriter
+from workers.supervision import DrainCheck, Heartbeat, OutputShipper, Relay, StopEscalation
+from workers.trainer_process import TrainerProcess
+from workers.trainers import protocol
+from workers.watchdog import Deadline
+
+log = logging.getLogger(__name__)
+
+Feed = Callable[[bytes], None]
+
+#: the longest the loop sleeps between ticks (drain checks, log flushes, stop escalation).
+TICK_S = 0.5
+#: after the trainer exits, how long its remaining output may take to arrive.
+DRAIN_OUTPUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    heartbeat_interval: float
+    #: ``lease_ttl - 2 * heartbeat_interval``: no renewal for this long kills the trainer.
+    watchdog_budget: float
+    checkpoints_keep: int
+    drain_flag: Path | None
+
+
+@dataclass(frozen=True)
+class TrainerRun:
+    """What one trainer process did, as the supervisor saw it."""
+
+    exit_code: int | None
+    result: protocol.Result | None
+    failure: protocol.Failure | None
+    #: the stop reason that decides the run's end (the highest seen), or None.
+    stop: StopReason | None
+
+
+def watch(trainer: TrainerProcess, writer: LeaseWriter, cfg: WatchSettings) -> TrainerRun:
+    """Relay, renew and stop as needed until ``trainer`` has exited; its group is gone after."""
+    stops = StopReasons()
+    # Kills the trainer once the lease has gone the budget without renewal, so that it is gone
+    # before anyone else may take the lease, even while this loop is stuck in a database call
+    # that never returns (a network black hole).
+    deadline = Deadline(
+        budget=cfg.watchdog_budget,
+        on_expire=lambda: _deadline_passed(trainer, writer, cfg.watchdog_budget),
+        name="lease-watchdog",
+    )
+    heartbeat = Heartbeat(writer, deadline, interval=cfg.heartbeat_interval)
+    drain = DrainCheck(cfg.drain_flag)
+    escalation = StopEscalation(trainer)
+    shipper = OutputShipper(writer)
+    relay = Relay(writer, checkpoints_keep=cfg.checkpoints_keep)
+    streams: dict[int, Feed] = {
+        trainer.control.fileno(): relay.feed,
+        trainer.output.fileno(): shipper.feed,
+    }
+    sel = selectors.DefaultSelector()
+    for fd in streams:
+        sel.register(fd, selectors.EVENT_READ)
+    deadline.start()
+    try:
+        while trainer.poll() is None:
+            _read(sel, streams, timeout=min(heartbeat.seconds_left(), TICK_S))
+            shipper.tick()
+            for reason in heartbeat.tick() + drain.tick():
+                if stops.observe(reason):
+                    log.warning("%s: stopping the trainer: %s", writer.tag, reason.name.lower())
+                    escalation.begin(reason)
+            escalation.tick()
+        # The trainer has exited: end what it left behind, then take its last words.
+        trainer.signal_group(signal.SIGKILL)
+        until = time.monotonic() + DRAIN_OUTPUT_S
+        while sel.get_map() and time.monotonic() < until:
+            _read(sel, streams, timeout=until - time.monotonic())
+        shipper.flush()
+    except LeaseLost as exc:
+        log.warning("%s: lease lost (%s); killing the trainer", writer.tag, exc)
+        stops.observe(StopReason.LEASE_LOST)
+    finally:
+        deadline.stop()
+        deadline.join()
+        sel.close()
+        exit_code = trainer.kill()
+        trainer.close()
+    if deadline.fired:
+        stops.observe(StopReason.DATABASE_UNREACHABLE)
+    return TrainerRun(
+        exit_code=exit_code, result=relay.result, failure=relay.failure, stop=stops.winner
+    )
+
+
+def _read(sel: selectors.BaseSelector, streams: dict[int, Feed], *, timeout: float) -> None:
+    for key, _ in sel.select(max(timeout, 0.0)):
+        chunk = os.read(key.fd, 65536)
+        if chunk:
+            streams[key.fd](chunk)
+        else:
+            sel.unregister(key.fd)
+
+
+def _deadline_passed(trainer: TrainerProcess, writer: LeaseWriter, budget: float) -> None:
+    log.error(
+        "%s: no lease renewal for %.1fs; killing the trainer before the lease expires",
+        writer.tag,
+        budget,
+    )
+    with contextlib.suppress(Exception):
+        trainer.signal_group(signal.SIGKILL)
