@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
+
+import tenacity
+from sqlalchemy.exc import OperationalError
 
 from app.domain.routing import device_queues
 from app.settings import Settings
@@ -32,6 +36,19 @@ def pin_device(device: GpuDevice) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device.uuid
 
 
+def _wait_for_database(step: Callable[[], None]) -> None:
+    """Run a start-up step, waiting for the database as long as it takes: a worker started (or
+    restarted by ``gpufleet up``) during an outage must be ready the moment it ends, not dead."""
+    tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(OperationalError),
+        wait=tenacity.wait_exponential(multiplier=0.5, max=2.0),
+        before_sleep=lambda state: log.warning(
+            "waiting for the database: %s", state.outcome and state.outcome.exception()
+        ),
+        reraise=True,
+    )(step)
+
+
 def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
     try:
         devices = discover(fake_gpus=settings.fake_gpus or None, host=settings.hostname)
@@ -39,7 +56,7 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
         raise NoDevices(str(exc)) from None
     if not devices:
         raise NoDevices(NoDevices.__doc__)
-    claim.register(settings, devices)
+    _wait_for_database(lambda: claim.register(settings, devices))
     pending_name = f"pending-{os.getpid()}@{settings.hostname}"
     device = claim.claim_one(settings, devices, pending_name)
     assert device is not None
