@@ -20,6 +20,14 @@ log = logging.getLogger(__name__)
 
 RUN_JOB_TASK = "gpufleet.run_job"
 
+
+def cancel_channel(job_id: uuid.UUID | str) -> str:
+    """The Redis pub/sub channel a cancel is announced on, so that the job's supervisor stops
+    the trainer within a second. A doorbell only: the supervisor asks Postgres whether the
+    job was really cancelled (its next heartbeat, made due at once)."""
+    return f"gpufleet:cancel:{job_id}"
+
+
 #: Redis priority steps: one list per step and queue. Kombu serves step 0 first, so a job's
 #: priority p (9 = most urgent) travels as ``MAX_PRIORITY - p``.
 PRIORITY_STEPS = list(range(MAX_PRIORITY + 1))

@@ -1,7 +1,9 @@
 """The parts the supervisor's loop ticks while a trainer runs, each with its own constants.
 
 - :class:`Heartbeat` renews the lease, and through it learns of a cancel or a lost GPU claim;
+- :class:`CancelWakeup` hears a cancel announced on Redis and makes the heartbeat due now;
 - :class:`DrainCheck` notices that the worker is shutting down;
+- :class:`RuntimeLimit` notices that the attempt ran past the job's ``max_runtime``;
 - :class:`StopEscalation` stops the trainer: ask, then SIGTERM, then SIGKILL (the group);
 - :class:`OutputShipper` ships the trainer's output to the job's log in bounded chunks;
 - :class:`Relay` turns the trainer's messages into fenced writes.
@@ -12,17 +14,22 @@ facts, and the supervisor decides once, at the end (``app.domain.outcome``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import redis
+import redis.client
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.domain.states import EventKind
 from app.domain.stopping import StopReason
+from app.queue import cancel_channel
 from workers import drain
 from workers.lease_writer import LeaseWriter
 from workers.trainer_process import TrainerProcess
@@ -47,6 +54,9 @@ class Heartbeat:
 
     def seconds_left(self) -> float:
         return max(0.0, self.next_at - time.monotonic())
+
+    def due_now(self) -> None:
+        self.next_at = time.monotonic()
 
     def tick(self) -> list[StopReason]:
         """Renew if due. Returns the stop reasons the renewal revealed; raises LeaseLost."""
@@ -73,6 +83,58 @@ class Heartbeat:
         if beat.cancel_requested:
             reasons.append(StopReason.CANCELLED)
         return reasons
+
+
+class CancelWakeup:
+    """Listens on the job's cancel channel (``app.queue.cancel_channel``), so that a cancel
+    reaches the trainer within a tick rather than at the next heartbeat. A message proves
+    nothing: it makes the heartbeat due now, and Postgres says whether the job was cancelled.
+    Without Redis the heartbeat still finds the cancel, one interval later at most."""
+
+    def __init__(self, broker_url: str, job_id: uuid.UUID) -> None:
+        self.channel = cancel_channel(job_id)
+        self.client = redis.Redis.from_url(broker_url, socket_timeout=1, socket_connect_timeout=1)
+        self.pubsub: redis.client.PubSub | None = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            self.pubsub.subscribe(self.channel)
+        except redis.RedisError as exc:
+            log.warning(
+                "%s: no cancel wake-ups (%s); the heartbeat still sees cancels", job_id, exc
+            )
+            self.close()
+
+    def rang(self) -> bool:
+        """Whether a cancel was announced since the last call. Never blocks."""
+        if self.pubsub is None:
+            return False
+        rang = False
+        try:
+            while (message := self.pubsub.get_message(timeout=0.0)) is not None:
+                rang = rang or message.get("type") == "message"
+        except redis.RedisError as exc:
+            log.warning("cancel wake-ups lost (%s); the heartbeat still sees cancels", exc)
+            self.close()
+        return rang
+
+    def close(self) -> None:
+        if self.pubsub is not None:
+            with contextlib.suppress(redis.RedisError):
+                self.pubsub.close()
+            self.pubsub = None
+        with contextlib.suppress(redis.RedisError):
+            self.client.close()
+
+
+class RuntimeLimit:
+    """The job's ``max_runtime`` for this attempt, counted from when the lease was won."""
+
+    def __init__(self, max_runtime_s: float | None, *, started_at: float) -> None:
+        self.ends_at = None if max_runtime_s is None else started_at + max_runtime_s
+
+    def tick(self) -> list[StopReason]:
+        if self.ends_at is not None and time.monotonic() >= self.ends_at:
+            return [StopReason.DEADLINE]
+        return []
 
 
 class DrainCheck:

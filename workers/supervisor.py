@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 import uuid
 from enum import StrEnum
 from pathlib import Path
@@ -108,8 +109,9 @@ class Supervisor:
         batch = spec.training.batch_size
         micro = min(grant.micro_batch or batch, batch)
         checkpoints = grant.checkpoints
+        started_at = time.monotonic()
         while True:
-            run = self._run_trainer(grant, spec, micro, checkpoints, writer)
+            run = self._run_trainer(grant, spec, micro, checkpoints, writer, started_at)
             end = decision.decide(
                 decision.RunFacts(
                     stop=run.stop,
@@ -120,6 +122,7 @@ class Supervisor:
                     device_suspect=getattr(run.failure, "device_suspect", False),
                     worker=self.identity.worker,
                     device=self.identity.device_uuid or "(none)",
+                    max_runtime_s=spec.max_runtime or 0.0,
                 )
             )
             if not isinstance(end, decision.Shrink):
@@ -195,12 +198,16 @@ class Supervisor:
         micro: int,
         checkpoints: list[str],
         writer: LeaseWriter,
+        lease_started_at: float,
     ) -> TrainerRun:
         cfg = WatchSettings(
             heartbeat_interval=self.settings.heartbeat_interval,
             watchdog_budget=self.settings.lease_ttl - 2 * self.settings.heartbeat_interval,
             checkpoints_keep=self.settings.checkpoints_keep,
             drain_flag=self.identity.drain_file,
+            broker_url=self.settings.broker_url,
+            max_runtime_s=spec.max_runtime,
+            lease_started_at=lease_started_at,
         )
         with tempfile.TemporaryDirectory(prefix="gpufleet-") as tmp:
             launch_file = self._launch(grant, spec, micro, checkpoints, Path(tmp))

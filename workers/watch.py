@@ -15,7 +15,15 @@ from pathlib import Path
 
 from app.domain.stopping import StopReason, StopReasons
 from workers.lease_writer import LeaseLost, LeaseWriter
-from workers.supervision import DrainCheck, Heartbeat, OutputShipper, Relay, StopEscalation
+from workers.supervision import (
+    CancelWakeup,
+    DrainCheck,
+    Heartbeat,
+    OutputShipper,
+    Relay,
+    RuntimeLimit,
+    StopEscalation,
+)
 from workers.trainer_process import TrainerProcess
 from workers.trainers import protocol
 from workers.watchdog import Deadline
@@ -37,6 +45,10 @@ class WatchSettings:
     watchdog_budget: float
     checkpoints_keep: int
     drain_flag: Path | None
+    broker_url: str
+    #: the job's max_runtime, and when (time.monotonic) this attempt's lease was won.
+    max_runtime_s: float | None
+    lease_started_at: float
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,8 @@ def watch(trainer: TrainerProcess, writer: LeaseWriter, cfg: WatchSettings) -> T
     )
     heartbeat = Heartbeat(writer, deadline, interval=cfg.heartbeat_interval)
     drain = DrainCheck(cfg.drain_flag)
+    runtime = RuntimeLimit(cfg.max_runtime_s, started_at=cfg.lease_started_at)
+    cancel = CancelWakeup(cfg.broker_url, writer.job_id)
     escalation = StopEscalation(trainer)
     shipper = OutputShipper(writer)
     relay = Relay(writer, checkpoints_keep=cfg.checkpoints_keep)
@@ -78,7 +92,9 @@ def watch(trainer: TrainerProcess, writer: LeaseWriter, cfg: WatchSettings) -> T
         while trainer.poll() is None:
             _read(sel, streams, timeout=min(heartbeat.seconds_left(), TICK_S))
             shipper.tick()
-            for reason in heartbeat.tick() + drain.tick():
+            if cancel.rang():
+                heartbeat.due_now()
+            for reason in heartbeat.tick() + drain.tick() + runtime.tick():
                 if stops.observe(reason):
                     log.warning("%s: stopping the trainer: %s", writer.tag, reason.name.lower())
                     escalation.begin(reason)
@@ -96,6 +112,7 @@ def watch(trainer: TrainerProcess, writer: LeaseWriter, cfg: WatchSettings) -> T
         deadline.stop()
         deadline.join()
         sel.close()
+        cancel.close()
         exit_code = trainer.kill()
         trainer.close()
     if deadline.fired:

@@ -11,6 +11,7 @@ exited 0 with a result                ``Succeed`` (a result beats a cancel or a 
 stopped: device lost                  ``Requeue`` due now, counted (an infrastructure try)
 stopped: database unreachable         ``Requeue`` due now, not counted (not the job's fault)
 stopped: cancelled                    ``Cancel``
+stopped: past max_runtime             ``Fail`` timeout (its checkpoints are kept)
 stopped: draining, user error exit    ``Fail`` user_error (it failed on its own before the stop)
 stopped: draining                     ``Requeue`` due now, not counted (a hand-back)
 out of memory, micro-batch > 1        ``Shrink`` to half and restart in the same lease
@@ -54,6 +55,7 @@ class RunFacts:
     device_suspect: bool = False
     worker: str = "this worker"
     device: str = "its GPU"
+    max_runtime_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,11 @@ def decide(run: RunFacts) -> Decision:
         )
     if stop is StopReason.CANCELLED:
         return Cancel()
+    if stop is StopReason.DEADLINE:
+        return Fail(
+            ErrorKind.TIMEOUT,
+            f"ran past its max_runtime ({run.max_runtime_s:g}s); its last checkpoint is kept",
+        )
     if stop is StopReason.DRAINING and code != EXIT_USER_ERROR:
         return Requeue(
             f"{run.worker} is shutting down; handed back at its checkpoint",

@@ -135,6 +135,8 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=MAX_PRIORITY)
     max_attempts: int = Field(default=3, ge=1, le=100)
+    #: seconds one attempt may run; then it stops at a checkpoint and fails ``timeout``.
+    max_runtime: float | None = Field(default=None, gt=0, le=366 * 24 * 3600)
     distributed_training: bool = False
     faults: FaultSpec | None = None
 

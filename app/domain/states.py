@@ -50,6 +50,7 @@ class ErrorKind(StrEnum):
     INFRA = "infra"  #: database, broker, IO or a crashed trainer: retried with backoff
     LOST_WORKER = "lost_worker"  #: the worker went silent; the reaper requeued the job
     CANCELLED = "cancelled"  #: a user cancelled the job
+    TIMEOUT = "timeout"  #: it ran past its ``max_runtime``; its last checkpoint is kept
 
 
 class EventKind(StrEnum):

@@ -17,16 +17,18 @@ class StopReason(IntEnum):
 
     #: the worker is shutting down (SIGTERM): checkpoint, hand back, no attempt spent.
     DRAINING = 1
+    #: the attempt ran past the job's ``max_runtime``: checkpoint and fail ``timeout``.
+    DEADLINE = 2
     #: a user cancelled the job: checkpoint and end it cancelled.
-    CANCELLED = 2
+    CANCELLED = 3
     #: the lease could not be renewed for its watchdog budget (database unreachable): the trainer
     #: was killed; the job goes back without spending an attempt once the database answers.
-    DATABASE_UNREACHABLE = 3
+    DATABASE_UNREACHABLE = 4
     #: this worker's claim on its GPU ended (another worker may start a job there): kill now,
     #: hand back as an infrastructure try.
-    DEVICE_LOST = 4
+    DEVICE_LOST = 5
     #: the lease is gone (reaped, taken over): kill now and write nothing more.
-    LEASE_LOST = 5
+    LEASE_LOST = 6
 
     @property
     def kills(self) -> bool:

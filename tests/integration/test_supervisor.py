@@ -446,3 +446,44 @@ def test_a_drain_and_a_lost_device_together_end_as_a_lost_device_whichever_comes
     job = view(fi_settings, job_id)
     assert job["attempts"] == 1 and "lost its claim" in job["error"]["message"]
     assert [k for k, _, _ in events(fi_settings, job_id)].count("handed_back") == 0
+
+
+def test_a_cancel_reaches_the_running_trainer_within_a_second(
+    fi_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    import redis
+
+    from app.queue import cancel_channel
+
+    # Given a running job whose supervisor heartbeats only every 5 s
+    slow_beat = fi_settings.model_copy(update={"heartbeat_interval": 5.0, "lease_ttl": 30.0})
+    job_id = submit(slow_beat, spec(faults={"step_delay_s": 0.1}, training={"epochs": 50}))
+    runner, outcome = run_in_background(slow_beat, job_id, until_step=2)
+    time.sleep(0.5)  # (past the supervisor's first ticks)
+    # When a user cancels it (the API commits, then announces it on Redis)
+    with session_scope(slow_beat.database_url) as s:
+        cancel_job(session=s, tenant="t", job_id=job_id)
+    cancelled_at = time.time()
+    redis.Redis.from_url(slow_beat.broker_url).publish(cancel_channel(job_id), "cancel")
+    # Then the trainer is asked to stop within a second, long before the next heartbeat
+    with caplog.at_level("WARNING", logger="workers.watch"):
+        runner.join(timeout=30)
+    asked = [r.created for r in caplog.records if "stopping the trainer: cancelled" in r.message]
+    assert outcome == [Outcome.CANCELLED]
+    assert asked and asked[0] - cancelled_at <= 1.0, asked
+
+
+def test_a_job_past_its_max_runtime_stops_at_a_checkpoint_and_fails_timeout(
+    fi_settings: Settings,
+) -> None:
+    # Given a long job allowed 8 s per attempt (a trainer takes a few seconds to start here)
+    job = spec(faults={"step_delay_s": 0.1}, training={"epochs": 50}, max_runtime=8.0)
+    job_id = submit(fi_settings, job)
+    # When it runs past that
+    runner, outcome = run_in_background(fi_settings, job_id, until_step=1)
+    runner.join(timeout=60)
+    # Then it stopped at a checkpoint of its last step and failed `timeout`
+    assert outcome == [Outcome.FAILED]
+    result = view(fi_settings, job_id)
+    assert result["error"]["kind"] == "timeout" and "max_runtime (8s)" in result["error"]["message"]
+    assert result["checkpoint"]["step"] == result["progress"]["step"] > 1

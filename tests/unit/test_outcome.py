@@ -51,6 +51,13 @@ CASES: list[tuple[str, o.RunFacts, type, dict[str, object]]] = [
         {"counted": False, "immediate": True},
     ),
     ("cancelled", facts(R.CANCELLED, o.EXIT_STOPPED), o.Cancel, {}),
+    (
+        "past max_runtime",
+        facts(R.DEADLINE, o.EXIT_STOPPED),
+        o.Fail,
+        {"kind": ErrorKind.TIMEOUT},
+    ),
+    ("a result beats max_runtime", facts(R.DEADLINE, o.EXIT_OK, result=True), o.Succeed, {}),
     ("cancelled while failing", facts(R.CANCELLED, o.EXIT_USER_ERROR), o.Cancel, {}),
     (
         "drained at a checkpoint",
@@ -92,7 +99,14 @@ def test_how_a_run_ends(case: str, run: o.RunFacts, kind: type, fields: dict[str
 
 
 #: the documented winner of every pair: the higher precedence, whatever order they come in.
-PRECEDENCE = [R.LEASE_LOST, R.DEVICE_LOST, R.DATABASE_UNREACHABLE, R.CANCELLED, R.DRAINING]
+PRECEDENCE = [
+    R.LEASE_LOST,
+    R.DEVICE_LOST,
+    R.DATABASE_UNREACHABLE,
+    R.CANCELLED,
+    R.DEADLINE,
+    R.DRAINING,
+]
 
 
 @pytest.mark.parametrize(
