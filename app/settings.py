@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     reaper_grace: float = Field(default=0.0, ge=0)
     #: the most leases/jobs one reaper pass touches, so a pass stays short.
     reaper_batch: int = Field(default=100, ge=1)
+    #: keep a trainer started ahead of the next job, its framework imported (workers).
+    warm_spare: bool = True
 
     @field_validator("hostname")
     @classmethod

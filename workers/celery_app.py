@@ -23,8 +23,9 @@ app.conf.update(celery_config(get_settings()))
 app.conf.update(
     worker_pool="prefork",
     worker_concurrency=1,
-    # Each job gets a fresh child process: CUDA state and memory never leak between jobs.
-    worker_max_tasks_per_child=1,
+    # One long-lived pool process takes job after job: replacing it after each job kept the
+    # GPU idle ~2.7 s between jobs. Nothing leaks from one job into the next: the pool process
+    # never touches CUDA, and each job's trainer is a process of its own, group and all.
     # A busy worker must not sit on a waiting job's message.
     worker_disable_prefetch=True,
     worker_prefetch_multiplier=1,
@@ -40,6 +41,9 @@ def _fresh_connections(**_: Any) -> None:
     # The parent opened database connections to claim its device; a forked child must not
     # share those sockets. Quick and non-blocking: worker_process_init has a 4 s budget.
     dispose_engines()
+    from workers.tasks import start_spare
+
+    start_spare()  # one Popen; the spare imports its framework in the background
 
 
 @app.task(name=RUN_JOB_TASK, ignore_result=True)

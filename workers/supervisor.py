@@ -15,6 +15,7 @@ import time
 import uuid
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -31,6 +32,7 @@ from workers.identity import WorkerIdentity
 from workers.lease_writer import LeaseWriter
 from workers.trainer_process import TrainerProcess
 from workers.trainers.protocol import Launch
+from workers.warm_spare import WarmSpare
 from workers.watch import TrainerRun, WatchSettings, watch
 
 log = logging.getLogger(__name__)
@@ -46,9 +48,13 @@ class Outcome(StrEnum):
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, identity: WorkerIdentity) -> None:
+    def __init__(
+        self, settings: Settings, identity: WorkerIdentity, *, spare: WarmSpare | None = None
+    ) -> None:
         self.settings = settings
         self.identity = identity
+        #: a trainer started ahead of time (``workers.warm_spare``), replaced after each job.
+        self.spare = spare
         #: how long an end-of-run write is retried while the database is unreachable: as long
         #: as the lease survives without a heartbeat. Giving up leaves the job to the reaper.
         self.end_budget = settings.lease_ttl - 2 * settings.heartbeat_interval
@@ -81,6 +87,8 @@ class Supervisor:
             outcome = Outcome.LEASE_LOST
         finally:
             self._set_device_job(None)
+            if self.spare is not None:
+                self.spare.start(_framework(grant.spec))
         log.info("job %s epoch %s: %s", job_id, grant.epoch, outcome.value)
         return outcome
 
@@ -211,7 +219,8 @@ class Supervisor:
         )
         with tempfile.TemporaryDirectory(prefix="gpufleet-") as tmp:
             launch_file = self._launch(grant, spec, micro, checkpoints, Path(tmp))
-            return watch(TrainerProcess(launch_file), writer, cfg)
+            warm = self.spare and self.spare.take(_framework(grant.spec), launch_file)
+            return watch(warm or TrainerProcess.cold(launch_file), writer, cfg)
 
     def _launch(
         self, grant: leases.LeaseGrant, spec: JobSpec, micro: int, checkpoints: list[str], tmp: Path
@@ -233,3 +242,9 @@ class Supervisor:
         path = tmp / "launch.json"
         launch.dump(path)
         return path
+
+
+def _framework(spec: dict[str, Any]) -> str:
+    """What a spare should import for a job like this one: its framework (a custom entrypoint
+    most often uses torch)."""
+    return str(spec.get("framework") or "torch")

@@ -8,8 +8,18 @@ import uuid
 from app.settings import get_settings
 from workers import identity
 from workers.supervisor import Supervisor
+from workers.warm_spare import WarmSpare
 
 log = logging.getLogger(__name__)
+
+#: this pool process's spare trainer: its jobs run one after another on its main thread.
+SPARE = WarmSpare()
+
+
+def start_spare() -> None:
+    """Called as the pool process starts, so that even its first job starts warm."""
+    if get_settings().warm_spare:
+        SPARE.start("torch")
 
 
 def run_job_now(job_id: str) -> str:
@@ -18,5 +28,7 @@ def run_job_now(job_id: str) -> str:
     except ValueError:
         log.error("run_job got %r, which is not a job id; dropped", job_id)
         return "invalid"
-    outcome = Supervisor(get_settings(), identity.current()).run(parsed)
+    settings = get_settings()
+    spare = SPARE if settings.warm_spare else None
+    outcome = Supervisor(settings, identity.current(), spare=spare).run(parsed)
     return outcome.value

@@ -66,13 +66,13 @@ def trainer_environment(
 class TrainerProcess:
     """One trainer run's process: started, asked to stop, signalled as a group."""
 
-    def __init__(self, launch_file: Path, *, cwd: Path | None = None) -> None:
+    def __init__(self, argv: list[str], *, cwd: Path | None = None) -> None:
         read_fd, write_fd = os.pipe()
-        env = trainer_environment(os.environ)
-        env[protocol.CONTROL_FD_ENV] = str(write_fd)
+        self.environment = trainer_environment(os.environ)
+        env = {**self.environment, protocol.CONTROL_FD_ENV: str(write_fd)}
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "workers.trainers.main", str(launch_file)],
+                [sys.executable, "-m", *argv],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -89,6 +89,28 @@ class TrainerProcess:
         self.control = os.fdopen(read_fd, "rb", buffering=0)
         assert self.proc.stdout is not None
         self.output = self.proc.stdout
+
+    @classmethod
+    def cold(cls, launch_file: Path) -> TrainerProcess:
+        """A trainer for ``launch_file`` in a fresh interpreter (imports and all)."""
+        return cls(["workers.trainers.main", str(launch_file)])
+
+    @classmethod
+    def spare(cls, framework: str) -> TrainerProcess:
+        """A trainer that imports ``framework`` now and waits for its launch (``hand``)."""
+        return cls(["workers.trainers.warm", framework])
+
+    def hand(self, launch_file: Path) -> bool:
+        """Give a spare its job. False if it is gone (start a cold one instead)."""
+        stdin = self.proc.stdin
+        if stdin is None or self.poll() is not None:
+            return False
+        try:
+            stdin.write(f"{launch_file}\n".encode())
+            stdin.flush()
+        except (OSError, ValueError):
+            return False
+        return True
 
     @property
     def pid(self) -> int:

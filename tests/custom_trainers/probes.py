@@ -33,3 +33,17 @@ def spawn_and_wait(ctx: TrainContext) -> dict[str, Any]:
         ctx.report(step, 10_000, epoch=1, loss=1.0)
         time.sleep(0.1)
     raise StopRequested
+
+
+def report_pid(ctx: TrainContext) -> dict[str, Any]:
+    """Print which process ran the job, and whether torch was imported before the job began."""
+    import sys
+
+    print(f"PID {os.getpid()} TORCH_PRELOADED {'torch' in sys.modules}", flush=True)
+    return _result(ctx)
+
+
+def stamp(ctx: TrainContext) -> dict[str, Any]:
+    """Print the wall-clock moment the trainer function was called (``bench/warm_start.py``)."""
+    print(f"CALLED_AT {time.time():.6f}", flush=True)
+    return _result(ctx)

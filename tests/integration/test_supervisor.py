@@ -487,3 +487,31 @@ def test_a_job_past_its_max_runtime_stops_at_a_checkpoint_and_fails_timeout(
     result = view(fi_settings, job_id)
     assert result["error"]["kind"] == "timeout" and "max_runtime (8s)" in result["error"]["message"]
     assert result["checkpoint"]["step"] == result["progress"]["step"] > 1
+
+
+def test_a_warm_spare_runs_the_next_job_and_a_fresh_one_replaces_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.warm_spare import WarmSpare
+
+    # Given a supervisor with a spare trainer that has imported torch ahead of the job
+    spare = WarmSpare()
+    spare.start("torch")
+    assert spare.trainer is not None
+    first_spare = spare.trainer.pid
+    allowed, job_id = _probe(settings, "report_pid")
+    supervisor = Supervisor(allowed, IDENTITY, spare=spare)
+    # When a job runs
+    assert supervisor.run(job_id) == Outcome.SUCCEEDED
+    # Then the spare ran it, torch already imported, and a new spare waits for the next job
+    assert f"PID {first_spare} TORCH_PRELOADED True" in _log_text(allowed, job_id)
+    assert spare.trainer is not None and spare.trainer.poll() is None
+    assert spare.trainer.pid != first_spare
+    # And a spare gone stale (the worker's environment changed) is not used, but replaced
+    second_spare = spare.trainer.pid
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    _, other_id = _probe(settings, "report_pid")
+    assert supervisor.run(other_id) == Outcome.SUCCEEDED
+    assert f"PID {second_spare} " not in _log_text(allowed, other_id)
+    assert spare.trainer is not None and spare.trainer.pid not in (first_spare, second_spare)
+    spare.discard()
