@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     reaper_grace: float = Field(default=0.0, ge=0)
     #: the most leases/jobs one reaper pass touches, so a pass stays short.
     reaper_batch: int = Field(default=100, ge=1)
+    #: frameworks this worker offers, comma-separated (torch, tensorflow); blank: every one
+    #: installed. Naming one that is not installed stops the worker at start.
+    worker_frameworks: str = ""
+    #: simulated GPUs (indexes in GPUFLEET_FAKE_GPUS) whose health check fails (drills, tests).
+    fake_unhealthy_gpus: str = Field(default="", pattern=r"^\s*(\d+\s*(,\s*\d+\s*)*)?$")
 
     @field_validator("hostname")
     @classmethod

@@ -162,7 +162,9 @@ class JobSpec(_Strict):
 
     @property
     def queue(self) -> str:
-        return job_queue(self.resources.gpu_type, self.resources.memory_gb)
+        return job_queue(
+            self.resources.gpu_type, self.resources.memory_gb, self.effective_framework
+        )
 
     @property
     def effective_framework(self) -> str:
