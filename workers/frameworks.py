@@ -70,6 +70,6 @@ def offered(allow: str, found: Mapping[str, str]) -> dict[str, str]:
         have = ", ".join(found) or "none"
         raise FrameworksError(
             f"{FRAMEWORKS_VARIABLE}={allow!r}: {', '.join(missing)} cannot be imported "
-            f"on this worker (installed: {have})"
+            f"on this worker (installed: {have}; gpufleet runs {', '.join(FRAMEWORKS)})"
         )
     return {name: found[name] for name in wanted}
