@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from app.db.models import Device
+from app.domain.routing import DEFAULT_FRAMEWORK
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,14 @@ MAX_REASON = 2000
 #: The condition ``acquire_lease`` adds to its ``UPDATE jobs ... WHERE``: the worker's device
 #: (``:device``, NULL without one) is not suspect and offers the job's framework (a device whose
 #: worker did not report its frameworks is not refused). It reads the job being won as ``jobs``.
-DEVICE_MAY_START = """
+DEVICE_MAY_START = f"""
     NOT EXISTS (
         SELECT 1 FROM devices d
          WHERE d.uuid = CAST(:device AS text)
            AND (d.suspect_since IS NOT NULL
                 OR (d.frameworks IS NOT NULL
-                    AND d.frameworks -> coalesce(jobs.spec->>'framework', 'torch') IS NULL)))
+                    AND d.frameworks -> coalesce(jobs.spec->>'framework',
+                                                 '{DEFAULT_FRAMEWORK}') IS NULL)))
 """
 
 

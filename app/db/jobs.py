@@ -173,7 +173,7 @@ def fits(spec: JobSpec, devices: list[FleetDevice]) -> list[FleetDevice]:
     ]
 
 
-def fitting_reason(spec: JobSpec, fits: list[FleetDevice]) -> str | None:
+def fitting_reason(spec: JobSpec, fitting: list[FleetDevice]) -> str | None:
     """Why a job waits although devices of its type and size are registered: none of their
     workers offers its framework, or every one that does is suspect.
 
@@ -181,7 +181,7 @@ def fitting_reason(spec: JobSpec, fits: list[FleetDevice]) -> str | None:
     the live ones when there are any (a stopped worker's list may be stale).
     """
     framework = spec.effective_framework
-    known = [d for d in fits if d.frameworks is not None]
+    known = [d for d in fitting if d.frameworks is not None]
     live = [d for d in known if d.alive]
     judged = live or known
     if judged and not any(framework in (d.frameworks or {}) for d in judged):
@@ -192,7 +192,7 @@ def fitting_reason(spec: JobSpec, fits: list[FleetDevice]) -> str | None:
             f"(they offer: {', '.join(offers) or 'none'}); "
             f"start a worker that can import {framework}"
         )
-    usable = [d for d in fits if d.frameworks is None or framework in d.frameworks]
+    usable = [d for d in fitting if d.frameworks is None or framework in d.frameworks]
     if usable and all(d.suspect for d in usable):
         return (
             f"every device that fits ({len(usable)}) is suspect after a GPU fault; "
