@@ -8,7 +8,7 @@ import pytest
 
 from tests.e2e.fleet import Fleet, small_job
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.tensorflow]
 
 
 def test_a_tensorflow_job_waits_for_a_worker_that_has_tensorflow(fleet: Fleet) -> None:

@@ -51,6 +51,7 @@ def test_installed_asks_find_spec_and_metadata() -> None:
     assert installed(importable=lambda name: False) == {}
 
 
+@pytest.mark.tensorflow
 def test_detection_imports_no_framework() -> None:
     # Given this environment (torch and tensorflow installed)
     code = (
@@ -65,6 +66,7 @@ def test_detection_imports_no_framework() -> None:
     assert done.stdout.splitlines() == ["['tensorflow', 'torch']", "[]"]
 
 
+@pytest.mark.tensorflow
 def test_versions_come_from_the_distribution_that_installed_the_package() -> None:
     # tensorflow-cpu installs the "tensorflow" package; its version is still found
     found = installed()
