@@ -37,8 +37,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute(
-        f"UPDATE jobs SET queue = left(queue, -{len(_TF_SUFFIX)}) "
-        f"WHERE queue LIKE '%{_TF_SUFFIX}'"
+        f"UPDATE jobs SET queue = left(queue, -{len(_TF_SUFFIX)}) WHERE queue LIKE '%{_TF_SUFFIX}'"
     )
     op.drop_column("devices", "frameworks")
     op.drop_column("devices", "suspect_reason")
