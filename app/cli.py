@@ -86,11 +86,11 @@ def worker(
     """Run one GPU worker: claim a device of this host and run the jobs that fit it."""
     settings = _settings()
     _logging(loglevel)
-    from workers.main import NoDevices, run_worker
+    from workers.main import NoDevices, NoFrameworks, run_worker
 
     try:
         code = run_worker(settings, loglevel=loglevel)
-    except NoDevices as exc:
+    except (NoDevices, NoFrameworks) as exc:
         typer.echo(f"gpufleet worker: {exc}", err=True)
         raise typer.Exit(3) from None
     raise typer.Exit(code)

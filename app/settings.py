@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     reaper_batch: int = Field(default=100, ge=1)
     #: keep a trainer started ahead of the next job, its framework imported (workers).
     warm_spare: bool = True
+    #: frameworks this worker offers, comma-separated (torch, tensorflow); blank: every one
+    #: installed. Naming one that is not installed stops the worker at start.
+    worker_frameworks: str = ""
+    #: simulated GPUs (indexes in GPUFLEET_FAKE_GPUS) whose health check fails (drills, tests).
+    fake_unhealthy_gpus: str = Field(default="", pattern=r"^\s*(\d+\s*(,\s*\d+\s*)*)?$")
 
     @field_validator("hostname")
     @classmethod

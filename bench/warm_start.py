@@ -134,7 +134,7 @@ class Rig:
             if time.monotonic() > deadline:
                 raise RuntimeError("the worker did not start")
             time.sleep(0.1)
-        time.sleep(3.0)  # (the spare imports torch in the background)
+        time.sleep(12.0)  # (the spare imports torch in the background)
 
     def submit(self, body: dict[str, Any]) -> tuple[uuid.UUID, float]:
         spec = JobSpec.model_validate(body)
@@ -201,12 +201,11 @@ def idle_gaps(rig: Rig, jobs: int) -> list[float]:
         ids=ids,
     )
     return [
-        (nxt.acquired_at - cur.released_at).total_seconds()
-        for cur, nxt in itertools.pairwise(rows)
+        (nxt.acquired_at - cur.released_at).total_seconds() for cur, nxt in itertools.pairwise(rows)
     ]
 
 
-def measure(warm: bool, jobs: int) -> dict[str, list[float]]:
+def measure(warm: bool, jobs: int, idle: float) -> dict[str, list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         rig = Rig(Path(tmp), warm=warm)
         try:
@@ -214,11 +213,11 @@ def measure(warm: bool, jobs: int) -> dict[str, list[float]]:
             for _ in range(jobs):
                 job_id, submitted = rig.submit(STAMP)
                 called.append(called_after(rig, job_id, submitted))
-                time.sleep(3.0 if warm else 0.5)  # an idle fleet: the next spare is ready
+                time.sleep(idle)  # an idle fleet: the next spare has imported its framework
             first = []
             for _ in range(max(3, jobs // 2)):
                 first.append(first_step_after(rig))
-                time.sleep(3.0 if warm else 0.5)
+                time.sleep(idle)
             return {"called": called, "first_step": first, "gap": idle_gaps(rig, jobs)}
         finally:
             rig.close()
@@ -227,8 +226,11 @@ def measure(warm: bool, jobs: int) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument(
+        "--idle", type=float, default=12.0, help="seconds between jobs on the idle worker"
+    )
     args = parser.parse_args()
-    results = {mode: measure(mode == "warm", args.jobs) for mode in ("cold", "warm")}
+    results = {mode: measure(mode == "warm", args.jobs, args.idle) for mode in ("cold", "warm")}
     print(f"one worker, simulated A100, {args.jobs} jobs per figure (seconds)")
     for name, label, target in (
         ("called", "submit -> trainer called", "warm p50 <= 0.300"),

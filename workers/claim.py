@@ -3,6 +3,11 @@
 Devices are leased like jobs: a row claimed with ``FOR UPDATE SKIP LOCKED``, kept by a
 heartbeat, free again once the heartbeat stops. N identical replicas on one host (``docker
 compose up --scale worker=N``) therefore take N different GPUs, and the N+1st waits, saying why.
+
+The keeper also looks after the device's health: while the device is suspect (a job on it
+failed with a GPU or driver fault), each heartbeat runs a health check
+(``workers.devices.check_health``), the worker stops taking jobs (``on_suspect``), and the
+first check that passes clears the suspicion.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -20,8 +25,8 @@ from app import health
 from app.db import devices as device_rows
 from app.db.session import session_scope
 from app.settings import Settings
-from workers.devices import GpuDevice
-from workers.watchdog import Deadline
+from workers.devices import GpuDevice, Health, check_health, parse_unhealthy
+from workers.watchdog import Deadline, retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +60,22 @@ def claim_one(
     devices: list[GpuDevice],
     worker: str,
     *,
+    frameworks: Mapping[str, str] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> GpuDevice | None:
-    """Block until one of ``devices`` is claimed (or ``should_stop``). Says why it waits."""
+    """Block until one of ``devices`` is claimed (or ``should_stop``), recording the
+    ``frameworks`` this worker offers on it. Says why it waits."""
     by_uuid = {d.uuid: d for d in devices}
     last_notice = 0.0
     while not should_stop():
         try:
             with session_scope(settings.database_url) as session:
                 claimed = device_rows.claim_device(
-                    session=session, uuids=list(by_uuid), worker=worker, ttl=settings.lease_ttl
+                    session=session,
+                    uuids=list(by_uuid),
+                    worker=worker,
+                    ttl=settings.lease_ttl,
+                    frameworks=frameworks,
                 )
                 holders = (
                     {} if claimed else device_rows.holders(session=session, uuids=list(by_uuid))
@@ -118,13 +129,37 @@ class DeviceKeeper(threading.Thread):
 
     A deadline of its own stops the worker too when no renewal succeeded for
     ``lease_ttl - 2 * heartbeat_interval``, even if this thread is stuck in a database call:
-    by then another worker may claim the device."""
+    by then another worker may claim the device.
 
-    def __init__(self, settings: Settings, device: GpuDevice, worker: str) -> None:
+    While the device is suspect, each renewal also runs the health check; ``on_suspect(True)``
+    is called when the keeper sees the suspicion and ``on_suspect(False)`` once it is cleared
+    (the worker stops and resumes consuming its queues), again each heartbeat until it returns
+    True (the Celery consumer may not be up yet). The check runs on this thread: NVML reads are
+    quick, and a GPU that hangs them takes the worker down through the deadline, which is what
+    should happen to it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        device: GpuDevice,
+        worker: str,
+        *,
+        on_suspect: Callable[[bool], bool] = lambda _: True,
+        health_check: Callable[[GpuDevice], Health] | None = None,
+    ) -> None:
         super().__init__(name="device-keeper", daemon=True)
         self.settings = settings
         self.device = device
         self.worker = worker
+        self.on_suspect = on_suspect
+        unhealthy = parse_unhealthy(settings.fake_unhealthy_gpus)
+        self.health_check = health_check or (lambda d: check_health(d, fake_unhealthy=unhealthy))
+        #: whether this keeper last saw the device suspect.
+        self.suspect = False
+        #: the last state ``on_suspect`` confirmed (it returns False when it could not act).
+        self._applied = False
+        self._last_health: str | None = None
         self.stopping = threading.Event()
         self.deadline = Deadline(
             budget=settings.lease_ttl - 2 * settings.heartbeat_interval,
@@ -141,15 +176,23 @@ class DeviceKeeper(threading.Thread):
     def run(self) -> None:
         self.deadline.start()
         try:
-            while not self.stopping.wait(self.settings.heartbeat_interval):
-                if not self._renew():
+            wait = self.settings.heartbeat_interval
+            while not self.stopping.wait(wait):
+                kept = self._renew()
+                if kept is False:
                     take_worker_down(f"lost the claim on device {self.device.uuid}")
                     return
+                if kept is None:  # the database did not answer: try again soon
+                    wait = retry_delay(self.settings.heartbeat_interval)
+                    continue
+                wait = self.settings.heartbeat_interval
+                self.look_after_health()
         except Exception as exc:
             log.exception("device keeper crashed")
             take_worker_down(f"device keeper crashed: {exc!r}")
 
-    def _renew(self) -> bool:
+    def _renew(self) -> bool | None:
+        """Renew the claim: True kept, False lost, None the database did not answer."""
         try:
             with session_scope(self.settings.database_url) as session:
                 kept = device_rows.heartbeat_device(
@@ -162,8 +205,59 @@ class DeviceKeeper(threading.Thread):
             log.warning(
                 "device heartbeat failed (%.1fs without renewal): %s", self.deadline.silent_for, exc
             )
-            return True
+            return None
         if kept:
             self.deadline.renew()
             health.touch("worker")
         return kept
+
+    def look_after_health(self) -> None:
+        """If the device is suspect, check it; clear the suspicion when the check passes."""
+        uuid = self.device.uuid
+        try:
+            with session_scope(self.settings.database_url) as session:
+                suspicion = device_rows.suspicion(session=session, uuid=uuid)
+        except SQLAlchemyError as exc:  # the next heartbeat tries again
+            log.warning("cannot read the health state of device %s: %s", uuid, exc)
+            return
+        if suspicion is None:
+            self._set_suspect(False)
+            return
+        self._set_suspect(True, suspicion.reason)
+        result = self.health_check(self.device)
+        if not result.healthy:
+            if result.detail != self._last_health:
+                log.error("device %s is still unhealthy: %s", uuid, result.detail)
+            self._last_health = result.detail
+            return
+        try:
+            with session_scope(self.settings.database_url) as session:
+                cleared = device_rows.clear_suspect(
+                    session=session, uuid=uuid, worker=self.worker, since=suspicion.since
+                )
+        except SQLAlchemyError as exc:
+            log.warning("cannot clear the suspicion of device %s: %s", uuid, exc)
+            return
+        if cleared:
+            log.warning(
+                "device %s passed its health check (%s); suspect since %s (%s): cleared",
+                uuid,
+                result.detail,
+                suspicion.since.isoformat(),
+                suspicion.reason,
+            )
+            self._set_suspect(False)
+
+    def _set_suspect(self, suspect: bool, reason: str = "") -> None:
+        if suspect != self.suspect:
+            self.suspect = suspect
+            self._last_health = None
+            if suspect:
+                log.error(
+                    "device %s is suspect (%s): taking no jobs until its health check passes",
+                    self.device.uuid,
+                    reason,
+                )
+        # Tried again each heartbeat until the worker could do it.
+        if self._applied != suspect and self.on_suspect(suspect):
+            self._applied = suspect

@@ -369,3 +369,77 @@ def sampler_for(devices: list[GpuDevice]) -> Sampler:
     if simulated == {False}:
         return NvmlSampler()
     raise ValueError("cannot sample simulated and real GPUs with one sampler")
+
+
+@dataclass(frozen=True)
+class Health:
+    healthy: bool
+    #: what was checked, or what failed.
+    detail: str
+
+
+def parse_unhealthy(spec: str) -> frozenset[int]:
+    """``GPUFLEET_FAKE_UNHEALTHY_GPUS="0,2"`` -> the simulated indexes whose check fails."""
+    return frozenset(int(part) for part in spec.split(",") if part.strip())
+
+
+def check_health(device: GpuDevice, *, fake_unhealthy: frozenset[int] = frozenset()) -> Health:
+    """Whether a suspect device may run jobs again.
+
+    A simulated device is healthy unless its index is in ``fake_unhealthy``. A real one is
+    asked through NVML (:func:`nvml_health`).
+    """
+    if device.simulated:
+        if device.index in fake_unhealthy:
+            return Health(False, f"simulated GPU {device.index} set unhealthy (fault injection)")
+        return Health(True, "simulated GPU")
+    return nvml_health(device.uuid)
+
+
+def nvml_health(uuid: str) -> Health:
+    """Ask NVML whether the GPU is usable: cheap reads, no CUDA context.
+
+    - the driver still answers for it (``nvmlDeviceGetHandleByUUID``, its memory and PCI info):
+      a GPU fallen off the bus or lost (Xid 79) fails here;
+    - no page is waiting to be retired (``nvmlDeviceGetRetiredPagesPendingStatus``, before
+      Ampere) and no row remapping is pending or has failed (``nvmlDeviceGetRemappedRows``,
+      Ampere and later): after an uncorrectable ECC error the GPU needs a reset before its
+      memory can be trusted. A check the GPU does not support is skipped.
+
+    Xid events are not read: NVML delivers them only to a listener registered before they
+    happen, and their effects that matter here show in the reads above.
+    """
+    try:
+        nvml = _import_pynvml()
+        _nvml_init(nvml)
+    except NvmlUnavailable as exc:
+        return Health(False, str(exc))
+    try:
+        try:
+            handle = nvml.nvmlDeviceGetHandleByUUID(uuid.encode())
+            nvml.nvmlDeviceGetMemoryInfo(handle)
+            nvml.nvmlDeviceGetPciInfo(handle)
+        except nvml.NVMLError as exc:
+            return Health(False, f"NVML cannot reach {uuid}: {exc}")
+        checked = ["answers"]
+        try:
+            pending = nvml.nvmlDeviceGetRetiredPagesPendingStatus(handle)
+        except nvml.NVMLError as exc:
+            logger.debug("%s: retired pages not reported: %s", uuid, exc)
+        else:
+            if pending:
+                return Health(False, "retired pages are pending: the GPU needs a reset")
+            checked.append("no retired pages pending")
+        try:
+            _, _, remap_pending, remap_failed = nvml.nvmlDeviceGetRemappedRows(handle)
+        except nvml.NVMLError as exc:
+            logger.debug("%s: remapped rows not reported: %s", uuid, exc)
+        else:
+            if remap_failed:
+                return Health(False, "a row remapping failed: the GPU's memory is failing")
+            if remap_pending:
+                return Health(False, "a row remapping is pending: the GPU needs a reset")
+            checked.append("no row remapping pending")
+        return Health(True, ", ".join(checked))
+    finally:
+        nvml.nvmlShutdown()

@@ -1,4 +1,5 @@
-"""``gpufleet worker``: claim one GPU of this host, then consume the queues that fit it."""
+"""``gpufleet worker``: claim one GPU of this host, then consume the queues that fit it and
+the frameworks it has; stop consuming while the GPU is suspect."""
 
 from __future__ import annotations
 
@@ -6,21 +7,57 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from typing import Any
 
 import tenacity
 from sqlalchemy.exc import OperationalError
 
 from app.domain.routing import device_queues
 from app.settings import Settings
-from workers import claim, drain, identity
+from workers import claim, drain, frameworks, identity
 from workers.devices import GpuDevice, discover, sampler_for
 from workers.telemetry import TelemetryLoop
 
 log = logging.getLogger(__name__)
 
+#: seconds to wait for the worker's own answer to a pause/resume request.
+CONTROL_REPLY_S = 2.0
+
 
 class NoDevices(RuntimeError):
     """This host has no GPU (no NVIDIA driver) and GPUFLEET_FAKE_GPUS is not set"""
+
+
+class NoFrameworks(RuntimeError):
+    """This worker can import no training framework (torch, tensorflow): it could run no job"""
+
+
+class QueueGate:
+    """Stops this worker consuming its queues while its device is suspect, and resumes.
+
+    It goes through Celery's remote control, addressed to this worker alone: the request is
+    carried out in the consumer's own loop (kombu is not thread-safe), and a wake-up already
+    in the queue stays there for a healthy worker. Returns False when the worker did not
+    answer (not started yet); the keeper asks again at its next heartbeat.
+    """
+
+    def __init__(self, app: Any, worker: str, queues: list[str]) -> None:
+        self.app = app
+        self.worker = worker
+        self.queues = queues
+
+    def __call__(self, suspect: bool) -> bool:
+        control = self.app.control
+        try:
+            for queue in self.queues:
+                send = control.cancel_consumer if suspect else control.add_consumer
+                if not send(queue, destination=[self.worker], reply=True, timeout=CONTROL_REPLY_S):
+                    return False
+        except Exception as exc:  # the broker is down: try again at the next heartbeat
+            log.warning("could not %s consuming: %s", "stop" if suspect else "resume", exc)
+            return False
+        log.warning("%s consuming %s", "stopped" if suspect else "resumed", ",".join(self.queues))
+        return True
 
 
 def worker_name(settings: Settings, device: GpuDevice) -> str:
@@ -56,9 +93,15 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
         raise NoDevices(str(exc)) from None
     if not devices:
         raise NoDevices(NoDevices.__doc__)
+    try:
+        offered = frameworks.offered(settings.worker_frameworks, frameworks.installed())
+    except frameworks.FrameworksError as exc:
+        raise NoFrameworks(str(exc)) from None
+    if not offered:
+        raise NoFrameworks(NoFrameworks.__doc__)
     _wait_for_database(lambda: claim.register(settings, devices))
     pending_name = f"pending-{os.getpid()}@{settings.hostname}"
-    device = claim.claim_one(settings, devices, pending_name)
+    device = claim.claim_one(settings, devices, pending_name, frameworks=offered)
     assert device is not None
     name = worker_name(settings, device)
     # Re-claim under the final name (same row, same transaction semantics: we hold it).
@@ -73,14 +116,15 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
             drain_file=drain_flag,
         )
     )
-    queues = device_queues(device.gpu_type, device.memory_gib)
+    queues = device_queues(device.gpu_type, device.memory_gib, offered)
     log.info(
-        "claimed %s (%s, %.1f GiB%s) as %s; consuming %s",
+        "claimed %s (%s, %.1f GiB%s) as %s; frameworks %s; consuming %s",
         device.uuid,
         device.name,
         device.memory_gib,
         ", simulated" if device.simulated else "",
         name,
+        ", ".join(f"{k} {v}" for k, v in offered.items()),
         ",".join(queues),
     )
     from celery.signals import worker_shutting_down
@@ -91,7 +135,7 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
         drain.request(drain_flag)
 
     worker_shutting_down.connect(on_shutting_down, weak=False)
-    keeper = claim.DeviceKeeper(settings, device, name)
+    keeper = claim.DeviceKeeper(settings, device, name, on_suspect=QueueGate(app, name, queues))
     telemetry = TelemetryLoop(settings, device, name, sampler_for([device]), celery_app=app)
     keeper.start()
     telemetry.start()

@@ -34,17 +34,14 @@ from workers import drain
 from workers.lease_writer import LeaseWriter
 from workers.trainer_process import TrainerProcess
 from workers.trainers import protocol
-from workers.watchdog import Deadline
+from workers.watchdog import Deadline, retry_delay
 
 log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    """Renews the lease every ``interval``; after a failed renewal, tries again promptly."""
-
-    #: a failed renewal is retried after this share of the interval (at most RETRY_MAX_S).
-    RETRY_SHARE = 0.25
-    RETRY_MAX_S = 1.0
+    """Renews the lease every ``interval``; after a failed renewal, tries again promptly
+    (``watchdog.retry_delay``)."""
 
     def __init__(self, writer: LeaseWriter, deadline: Deadline, *, interval: float) -> None:
         self.writer = writer
@@ -65,7 +62,7 @@ class Heartbeat:
         try:
             beat = self.writer.heartbeat()
         except SQLAlchemyError as exc:  # the watchdog decides when this means giving up
-            retry = min(self.interval * self.RETRY_SHARE, self.RETRY_MAX_S)
+            retry = retry_delay(self.interval)
             self.next_at = time.monotonic() + retry
             log.warning(
                 "%s: heartbeat failed (%.1fs without renewal; next try in %.2fs): %s",

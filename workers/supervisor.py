@@ -175,6 +175,8 @@ class Supervisor:
             done = writer.finish(LeaseOutcome.CANCELLED, error=error, budget=budget)
             return Outcome.CANCELLED if done else Outcome.LEASE_LOST
         assert isinstance(end, decision.Requeue)
+        if end.suspect_device is not None:
+            self._mark_device_suspect(grant, end.suspect_device)
         if run is not None and run.stop is StopReason.DATABASE_UNREACHABLE:
             # The watchdog spent the usual budget already; the lease is ours until the reaper,
             # back from the same outage, waits its grace out. Keep trying that long.
@@ -198,6 +200,23 @@ class Supervisor:
                 job_id=grant.job_id, queue=spec.queue, priority=spec.priority
             )
         return Outcome.REQUEUED
+
+    def _mark_device_suspect(self, grant: leases.LeaseGrant, failure: str) -> None:
+        """The trainer died of what looks like a fault of this GPU: no job starts on it until
+        its keeper's health check passes (``workers.claim.DeviceKeeper``)."""
+        device = self.identity.device_uuid
+        if device is None:
+            return
+        reason = f"job {grant.job_id} attempt {grant.attempt}: {failure[:500]}"
+        try:
+            with session_scope(self.settings.database_url) as session:
+                device_rows.mark_suspect(
+                    session=session, uuid=device, worker=self.identity.worker, reason=reason
+                )
+        except SQLAlchemyError as exc:  # not fenced by the lease: a failure here changes nothing
+            log.warning("could not mark device %s suspect: %s", device, exc)
+            return
+        log.error("device %s marked suspect: %s", device, reason)
 
     def _run_trainer(
         self,

@@ -7,6 +7,16 @@ import threading
 import time
 from collections.abc import Callable
 
+#: a failed renewal is tried again after this share of the heartbeat interval (at most
+#: RETRY_MAX_S), not a whole interval later: the watchdog's budget is only a few intervals.
+RETRY_SHARE = 0.25
+RETRY_MAX_S = 1.0
+
+
+def retry_delay(interval: float) -> float:
+    """When to try a failed renewal again."""
+    return min(interval * RETRY_SHARE, RETRY_MAX_S)
+
 
 class Deadline(threading.Thread):
     def __init__(self, *, budget: float, on_expire: Callable[[], None], name: str) -> None:

@@ -3,13 +3,20 @@
 A worker claims one device of its host with ``FOR UPDATE SKIP LOCKED`` and keeps it with a
 heartbeat; a crashed worker's claim expires and the device frees itself. No session-level
 advisory locks: they break behind a connection pooler.
+
+The claim records the frameworks the worker offers (``frameworks``). A job that failed with a
+GPU or driver fault marks its device suspect (``mark_suspect``); no job starts on a suspect
+device (:data:`DEVICE_MAY_START`) until its keeper's health check clears it (``clear_suspect``).
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 import uuid as uuid_mod
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, select, text
@@ -18,6 +25,25 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from app.db.models import Device
+from app.domain.routing import DEFAULT_FRAMEWORK
+
+log = logging.getLogger(__name__)
+
+#: The most of a reason kept on the row.
+MAX_REASON = 2000
+
+#: The condition ``acquire_lease`` adds to its ``UPDATE jobs ... WHERE``: the worker's device
+#: (``:device``, NULL without one) is not suspect and offers the job's framework (a device whose
+#: worker did not report its frameworks is not refused). It reads the job being won as ``jobs``.
+DEVICE_MAY_START = f"""
+    NOT EXISTS (
+        SELECT 1 FROM devices d
+         WHERE d.uuid = CAST(:device AS text)
+           AND (d.suspect_since IS NOT NULL
+                OR (d.frameworks IS NOT NULL
+                    AND d.frameworks -> coalesce(jobs.spec->>'framework',
+                                                 '{DEFAULT_FRAMEWORK}') IS NULL)))
+"""
 
 
 @dataclass(frozen=True)
@@ -50,21 +76,36 @@ def register_devices(*, session: Session, devices: list[DeviceRecord]) -> None:
         session.execute(stmt.on_conflict_do_update(index_elements=["uuid"], set_=refreshed))
 
 
-def claim_device(*, session: Session, uuids: list[str], worker: str, ttl: float) -> str | None:
-    """Claim the first of ``uuids`` (PCI order) that no live worker holds."""
+def claim_device(
+    *,
+    session: Session,
+    uuids: list[str],
+    worker: str,
+    ttl: float,
+    frameworks: Mapping[str, str] | None = None,
+) -> str | None:
+    """Claim the first of ``uuids`` (PCI order) that no live worker holds, recording the
+    frameworks (name -> version) this worker offers."""
+    stmt = text(
+        """
+        UPDATE devices SET worker = :worker, claimed_at = now(), heartbeat_at = now(),
+               expires_at = now() + make_interval(secs => :ttl), current_job = NULL,
+               frameworks = :frameworks
+         WHERE uuid = (
+            SELECT uuid FROM devices
+             WHERE uuid = ANY(:uuids) AND (worker IS NULL OR expires_at < now())
+             ORDER BY index LIMIT 1 FOR UPDATE SKIP LOCKED)
+        RETURNING uuid
+        """
+    ).bindparams(bindparam("frameworks", type_=JSONB(none_as_null=True)))
     claimed: str | None = session.scalar(
-        text(
-            """
-            UPDATE devices SET worker = :worker, claimed_at = now(), heartbeat_at = now(),
-                   expires_at = now() + make_interval(secs => :ttl), current_job = NULL
-             WHERE uuid = (
-                SELECT uuid FROM devices
-                 WHERE uuid = ANY(:uuids) AND (worker IS NULL OR expires_at < now())
-                 ORDER BY index LIMIT 1 FOR UPDATE SKIP LOCKED)
-            RETURNING uuid
-            """
-        ),
-        {"worker": worker, "ttl": ttl, "uuids": uuids},
+        stmt,
+        {
+            "worker": worker,
+            "ttl": ttl,
+            "uuids": uuids,
+            "frameworks": None if frameworks is None else dict(frameworks),
+        },
     )
     return claimed
 
@@ -89,6 +130,74 @@ def heartbeat_device(*, session: Session, uuid: str, worker: str, ttl: float) ->
         {"uuid": uuid, "worker": worker, "ttl": ttl},
     )
     return kept is not None
+
+
+def mark_suspect(*, session: Session, uuid: str, worker: str, reason: str) -> bool:
+    """Mark a device suspect after a GPU/driver fault on it (``Failure.device_suspect``).
+
+    True when this marked it; False when it was already suspect (the first reason stays) or is
+    not registered. Whoever holds it, no job starts on it until its keeper clears it.
+    """
+    marked = session.scalar(
+        text(
+            """
+            UPDATE devices SET suspect_since = now(), suspect_reason = :reason
+             WHERE uuid = :uuid AND suspect_since IS NULL
+            RETURNING uuid
+            """
+        ),
+        {"uuid": uuid, "reason": f"{reason} (reported by {worker})"[:MAX_REASON]},
+    )
+    if marked is not None:
+        log.warning("device %s marked suspect by %s: %s", uuid, worker, reason)
+    return marked is not None
+
+
+@dataclass(frozen=True)
+class Suspicion:
+    since: datetime
+    reason: str
+
+
+def suspicion(*, session: Session, uuid: str) -> Suspicion | None:
+    """Why the device is suspect, or None when it is not."""
+    row = session.execute(
+        select(Device.suspect_since, Device.suspect_reason).where(
+            Device.uuid == uuid, Device.suspect_since.is_not(None)
+        )
+    ).one_or_none()
+    if row is None or row.suspect_since is None:
+        return None
+    return Suspicion(since=row.suspect_since, reason=row.suspect_reason or "")
+
+
+def clear_suspect(*, session: Session, uuid: str, worker: str, since: datetime) -> bool:
+    """Clear the suspicion of ``since`` after the holder's health check passed.
+
+    Only the device's holder clears it, and only the suspicion it checked: a fault reported
+    while the check ran keeps the device suspect for the next check.
+    """
+    cleared = session.scalar(
+        text(
+            """
+            UPDATE devices SET suspect_since = NULL, suspect_reason = NULL
+             WHERE uuid = :uuid AND worker = :worker AND suspect_since = :since
+            RETURNING uuid
+            """
+        ),
+        {"uuid": uuid, "worker": worker, "since": since},
+    )
+    return cleared is not None
+
+
+def device_may_start(*, session: Session, uuid: str | None, job_id: uuid_mod.UUID) -> bool:
+    """Whether a job could start on this device now (:data:`DEVICE_MAY_START`, as
+    ``acquire_lease`` applies it)."""
+    allowed = session.scalar(
+        text(f"SELECT {DEVICE_MAY_START} FROM jobs WHERE jobs.id = :job_id"),
+        {"device": uuid, "job_id": job_id},
+    )
+    return bool(allowed)
 
 
 def release_device(*, session: Session, uuid: str, worker: str) -> None:
@@ -149,7 +258,8 @@ def list_devices(*, session: Session) -> list[dict[str, Any]]:
             SELECT uuid, host, index, name, gpu_type, memory_bytes, pci_bus_id, simulated,
                    CASE WHEN expires_at >= now() THEN worker END AS worker,
                    CASE WHEN expires_at >= now() THEN current_job END AS current_job,
-                   expires_at >= now() AS alive, last_sample, sampled_at, heartbeat_at
+                   expires_at >= now() AS alive, last_sample, sampled_at, heartbeat_at,
+                   suspect_since, suspect_reason, frameworks
               FROM devices ORDER BY host, index
             """
         )
@@ -170,6 +280,10 @@ def list_devices(*, session: Session) -> list[dict[str, Any]]:
             "sample": r.last_sample,
             "sampled_at": None if r.sampled_at is None else r.sampled_at.isoformat(),
             "heartbeat_at": None if r.heartbeat_at is None else r.heartbeat_at.isoformat(),
+            "suspect": r.suspect_since is not None,
+            "suspect_since": None if r.suspect_since is None else r.suspect_since.isoformat(),
+            "suspect_reason": r.suspect_reason,
+            "frameworks": r.frameworks,
         }
         for r in rows
     ]

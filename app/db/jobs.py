@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -126,42 +126,100 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-_DeviceSizes = list[tuple[str, int]]
+@dataclass(frozen=True)
+class FleetDevice:
+    """A registered device as :func:`waiting_reason` sees it."""
+
+    gpu_type: str
+    memory_bytes: int
+    alive: bool  #: a worker holds it now
+    suspect: bool
+    #: what its (last) worker offered, name -> version; None: not reported.
+    frameworks: dict[str, str] | None
 
 
-def _device_sizes(session: Session) -> _DeviceSizes:
-    rows = session.execute(select(Device.gpu_type, Device.memory_bytes)).all()
-    return [(r.gpu_type, r.memory_bytes) for r in rows]
+def fleet_devices(session: Session) -> list[FleetDevice]:
+    rows = session.execute(
+        select(
+            Device.gpu_type,
+            Device.memory_bytes,
+            func.coalesce(Device.expires_at >= func.now(), False).label("alive"),
+            Device.suspect_since.is_not(None).label("suspect"),
+            Device.frameworks,
+        )
+    ).all()
+    return [
+        FleetDevice(
+            gpu_type=r.gpu_type,
+            memory_bytes=r.memory_bytes,
+            alive=bool(r.alive),
+            suspect=bool(r.suspect),
+            frameworks=r.frameworks,
+        )
+        for r in rows
+    ]
 
 
-def waiting_reason(
-    *, session: Session, job: Job, devices: _DeviceSizes | None = None
-) -> str | None:
-    """Why a queued job is not running, when no registered device could ever run it."""
-    if job.status != JobStatus.QUEUED:
-        return None
-    spec = JobSpec.model_validate(job.spec)
-    if devices is None:
-        devices = _device_sizes(session)
-    fits = [
-        (gpu_type, memory)
-        for gpu_type, memory in devices
+def fits(spec: JobSpec, devices: list[FleetDevice]) -> list[FleetDevice]:
+    return [
+        d
+        for d in devices
         if device_fits(
-            device_type=gpu_type,
-            device_memory_gib=memory / 2**30,
+            device_type=d.gpu_type,
+            device_memory_gib=d.memory_bytes / 2**30,
             job_type=spec.resources.gpu_type,
             job_memory_gb=spec.resources.memory_gb,
         )
     ]
+
+
+def fitting_reason(spec: JobSpec, fitting: list[FleetDevice]) -> str | None:
+    """Why a job waits although devices of its type and size are registered: none of their
+    workers offers its framework, or every one that does is suspect.
+
+    The framework is judged on the fitting devices whose workers reported what they offer,
+    the live ones when there are any (a stopped worker's list may be stale).
+    """
+    framework = spec.effective_framework
+    known = [d for d in fitting if d.frameworks is not None]
+    live = [d for d in known if d.alive]
+    judged = live or known
+    if judged and not any(framework in (d.frameworks or {}) for d in judged):
+        offers = sorted({name for d in judged for name in d.frameworks or {}})
+        who = "live worker" if live else "worker"
+        return (
+            f"no {who} of a device that fits has framework {framework!r} "
+            f"(they offer: {', '.join(offers) or 'none'}); "
+            f"start a worker that can import {framework}"
+        )
+    usable = [d for d in fitting if d.frameworks is None or framework in d.frameworks]
+    if usable and all(d.suspect for d in usable):
+        return (
+            f"every device that fits ({len(usable)}) is suspect after a GPU fault; "
+            "they take jobs again once their health check passes"
+        )
+    return None
+
+
+def waiting_reason(
+    *, session: Session, job: Job, devices: list[FleetDevice] | None = None
+) -> str | None:
+    """Why a queued job is not running, when no registered device could run it now."""
+    if job.status != JobStatus.QUEUED:
+        return None
+    spec = JobSpec.model_validate(job.spec)
+    if devices is None:
+        devices = fleet_devices(session)
+    fitting = fits(spec, devices)
     if not devices:
         return "no devices are registered: start a worker (gpufleet worker)"
-    if not fits:
-        have = ", ".join(sorted({f"{t}:{m / 2**30:.0f}GiB" for t, m in devices}))
+    if not fitting:
+        have = ", ".join(sorted({f"{d.gpu_type}:{d.memory_bytes / 2**30:.0f}GiB" for d in devices}))
         return (
             f"no registered device fits gpu_type={spec.resources.gpu_type} "
             f"memory_gb={spec.resources.memory_gb:g} (devices: {have})"
         )
-    return None
+    return fitting_reason(spec, fitting)
 
 
 def job_view(*, session: Session, tenant: str, job_id: uuid.UUID) -> dict[str, Any]:
@@ -172,7 +230,9 @@ def job_view(*, session: Session, tenant: str, job_id: uuid.UUID) -> dict[str, A
     return _view(session=session, job=job)
 
 
-def _view(*, session: Session, job: Job, devices: _DeviceSizes | None = None) -> dict[str, Any]:
+def _view(
+    *, session: Session, job: Job, devices: list[FleetDevice] | None = None
+) -> dict[str, Any]:
     live = session.scalar(select(Lease).where(Lease.job_id == job.id, Lease.released_at.is_(None)))
     leases = session.scalars(select(Lease).where(Lease.job_id == job.id).order_by(Lease.epoch))
     checkpoint = session.scalar(
@@ -268,7 +328,7 @@ def list_jobs(
     more = len(jobs) > limit
     jobs = jobs[:limit]
     next_cursor = (jobs[-1].created_at, jobs[-1].id) if more and jobs else None
-    devices = _device_sizes(session)
+    devices = fleet_devices(session)
     return [_view(session=session, job=j, devices=devices) for j in jobs], next_cursor
 
 

@@ -16,6 +16,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
+from app.db.devices import DEVICE_MAY_START
 from app.db.events import add_event
 from app.domain.states import ErrorKind, EventKind, JobStatus, LeaseOutcome
 
@@ -44,13 +45,14 @@ def acquire_lease(
     """Win the job if it is queued and due. None means someone else has it (or it ended)."""
     row = session.execute(
         text(
-            """
+            f"""
             WITH won AS (
                 UPDATE jobs SET status = 'running', epoch = epoch + 1,
                        attempts = attempts + 1, started_at = coalesce(started_at, now()),
                        retry_at = NULL, dispatched_at = NULL
                  WHERE id = :job_id AND status = 'queued' AND NOT cancel_requested
                    AND (retry_at IS NULL OR retry_at <= now())
+                   AND {DEVICE_MAY_START}
                 RETURNING id, epoch, attempts, max_attempts, spec, micro_batch)
             INSERT INTO leases (job_id, epoch, worker, device_uuid, acquired_at, heartbeat_at,
                                 expires_at)

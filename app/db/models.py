@@ -182,5 +182,11 @@ class Device(Base):
     current_job: Mapped[UUID | None] = mapped_column()
     last_sample: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     sampled_at: Mapped[datetime | None] = mapped_column(TZ)
+    #: set when a job failed with a GPU/driver fault; no job starts here until the device's
+    #: keeper finds it healthy again and clears it.
+    suspect_since: Mapped[datetime | None] = mapped_column(TZ)
+    suspect_reason: Mapped[str | None] = mapped_column(Text)
+    #: what the worker holding it can run, ``{"torch": "2.13.0"}``; None: not reported.
+    frameworks: Mapped[dict[str, str] | None] = mapped_column(JSONB)
 
     __table_args__ = (Index("ix_devices_host_index", "host", "index"),)

@@ -17,8 +17,9 @@ stopped: draining                     ``Requeue`` due now, not counted (a hand-b
 out of memory, micro-batch > 1        ``Shrink`` to half and restart in the same lease
 out of memory at micro-batch 1        ``Fail`` oom
 user error exit                       ``Fail`` user_error
-anything else (infra exit, crash)     ``Requeue`` with backoff, counted; a hardware fault
-                                      also marks the device suspect
+a hardware fault of the GPU           ``Requeue`` due now, counted, and the device is marked
+                                      suspect (the job goes to another GPU at once)
+anything else (infra exit, crash)     ``Requeue`` with backoff, counted
 ====================================  ==========================================================
 
 "Counted" means the try counts against ``max_attempts``; the database turns an uncounted
@@ -141,9 +142,6 @@ def decide(run: RunFacts) -> Decision:
         return Shrink(smaller, message)
     if code == EXIT_USER_ERROR:
         return Fail(ErrorKind.USER_ERROR, message)
-    return Requeue(
-        message,
-        counted=True,
-        immediate=False,
-        suspect_device=message if run.device_suspect else None,
-    )
+    if run.device_suspect:
+        return Requeue(message, counted=True, immediate=True, suspect_device=message)
+    return Requeue(message, counted=True, immediate=False)

@@ -3,16 +3,29 @@
 A job goes to the queue of its GPU type and the smallest tier that holds its memory. A device
 serves its own type's queues and ``any``'s for every tier up to its memory, largest tier first,
 so a big GPU takes big jobs before small ones (best fit).
+
+Frameworks: a worker consumes only the queues of the frameworks it has (``workers.frameworks``),
+so a job is never delivered to a worker that cannot import what it needs. PyTorch jobs (and
+custom entrypoints, which run in the torch trainer) keep the plain names, ``gpu.A100.80``; every
+other framework's jobs wait in queues named after it, ``gpu.A100.80.tensorflow``. A job's queue
+is stored with it at submit, so the reaper's redispatch and a supervisor's hand-back send the
+wake-up to the same queue with no further rule.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 #: Memory tiers, in GB.
 TIERS: tuple[int, ...] = (8, 16, 24, 32, 40, 48, 80, 96, 141, 192)
 
 ANY_TYPE = "any"
+
+#: The frameworks a worker may offer, in the order it prefers their queues within a tier.
+FRAMEWORKS: tuple[str, ...] = ("torch", "tensorflow")
+#: The framework of the plain queue names.
+DEFAULT_FRAMEWORK = "torch"
 
 #: Cards report less than their marketing size: a "16 GB" T4 measures 15 GiB, an "80 GB" H100
 #: 79.6 GiB, a "24 GB" L4 22.5 GiB. A device serves a tier when its measured GiB are within
@@ -50,12 +63,13 @@ def job_tier(memory_gb: float) -> int:
     )
 
 
-def queue_name(gpu_type: str, tier: int) -> str:
-    return f"gpu.{gpu_type}.{tier}"
+def queue_name(gpu_type: str, tier: int, framework: str = DEFAULT_FRAMEWORK) -> str:
+    plain = f"gpu.{gpu_type}.{tier}"
+    return plain if framework == DEFAULT_FRAMEWORK else f"{plain}.{framework}"
 
 
-def job_queue(gpu_type: str, memory_gb: float) -> str:
-    return queue_name(normalize_type(gpu_type), job_tier(memory_gb))
+def job_queue(gpu_type: str, memory_gb: float, framework: str = DEFAULT_FRAMEWORK) -> str:
+    return queue_name(normalize_type(gpu_type), job_tier(memory_gb), framework)
 
 
 def device_tiers(memory_gib: float) -> list[int]:
@@ -64,13 +78,18 @@ def device_tiers(memory_gib: float) -> list[int]:
     return sorted((t for t in TIERS if t <= limit), reverse=True)
 
 
-def device_queues(gpu_type: str, memory_gib: float) -> list[str]:
-    """The queues a device consumes, in the order it should prefer them (best fit)."""
+def device_queues(
+    gpu_type: str, memory_gib: float, frameworks: Collection[str] = (DEFAULT_FRAMEWORK,)
+) -> list[str]:
+    """The queues a device whose worker offers ``frameworks`` consumes, in the order it should
+    prefer them (best fit: largest tier first; within a tier, its own type before ``any``)."""
     own = normalize_type(gpu_type)
     queues: list[str] = []
     for tier in device_tiers(memory_gib):
-        queues.append(queue_name(own, tier))
-        queues.append(queue_name(ANY_TYPE, tier))
+        for framework in FRAMEWORKS:
+            if framework in frameworks:
+                queues.append(queue_name(own, tier, framework))
+                queues.append(queue_name(ANY_TYPE, tier, framework))
     return queues
 
 

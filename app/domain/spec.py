@@ -114,7 +114,9 @@ class FaultSpec(_Strict):
 
     oom_above_micro_batch: int | None = Field(default=None, ge=0)
     fail_at_step: int | None = Field(default=None, ge=1)
-    fail_with: Literal["transient", "value_error"] | None = None
+    #: transient: an OSError (infra); value_error: user error; gpu_fault: a CUDA hardware
+    #: error (infra, and the device is marked suspect).
+    fail_with: Literal["transient", "value_error", "gpu_fault"] | None = None
     #: sleep this long after each step (lets tests kill a job mid-run on a fast CPU).
     step_delay_s: float = Field(default=0.0, ge=0, le=10)
 
@@ -162,7 +164,9 @@ class JobSpec(_Strict):
 
     @property
     def queue(self) -> str:
-        return job_queue(self.resources.gpu_type, self.resources.memory_gb)
+        return job_queue(
+            self.resources.gpu_type, self.resources.memory_gb, self.effective_framework
+        )
 
     @property
     def effective_framework(self) -> str:

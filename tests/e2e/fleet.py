@@ -125,9 +125,13 @@ class Fleet:
     def start_reaper(self) -> Proc:
         return self._start("reaper", ["reaper"])
 
-    def start_worker(self, name: str, *, fake_gpus: str, host: str) -> Proc:
+    def start_worker(
+        self, name: str, *, fake_gpus: str, host: str, env: dict[str, str] | None = None
+    ) -> Proc:
         return self._start(
-            name, ["worker"], {"GPUFLEET_FAKE_GPUS": fake_gpus, "GPUFLEET_HOSTNAME": host}
+            name,
+            ["worker"],
+            {"GPUFLEET_FAKE_GPUS": fake_gpus, "GPUFLEET_HOSTNAME": host, **(env or {})},
         )
 
     def start_a100_and_t4(self) -> dict[str, Proc]:

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from workers.devices import NvmlSampler, discover
+from workers.devices import NvmlSampler, check_health, discover, nvml_health
 
 pytestmark = [
     pytest.mark.gpu,
@@ -74,3 +74,15 @@ def test_real_sampling_returns_sane_numbers() -> None:
                     assert 5.0 <= sample.temperature_c <= 110.0
                 if sample.power_w is not None:
                     assert 1.0 <= sample.power_w <= 1500.0
+
+
+def test_real_health_check_passes_on_a_healthy_gpu_and_fails_for_an_unknown_one() -> None:
+    # Given the real devices of a healthy host
+    found = discover(fake_gpus=None, host=socket.gethostname())
+    assert found
+    # Then each answers NVML's health reads, and a uuid no GPU has does not
+    for device in found:
+        health = check_health(device)
+        assert health.healthy, (device.uuid, health.detail)
+        assert health.detail.startswith("answers")
+    assert not nvml_health("GPU-00000000-0000-0000-0000-000000000000").healthy

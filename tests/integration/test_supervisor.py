@@ -515,3 +515,32 @@ def test_a_warm_spare_runs_the_next_job_and_a_fresh_one_replaces_it(
     assert f"PID {second_spare} " not in _log_text(allowed, other_id)
     assert spare.trainer is not None and spare.trainer.pid not in (first_spare, second_spare)
     spare.discard()
+
+
+def test_a_gpu_fault_marks_the_device_suspect_and_sends_the_job_elsewhere_at_once(
+    fi_settings: Settings,
+) -> None:
+    from app.db import devices as device_rows
+    from tests.conftest import device_record
+
+    # Given a job on a claimed device, whose third step hits an uncorrectable ECC error
+    identity = WorkerIdentity(worker=IDENTITY.worker, device_uuid="GPU-sim-0", cuda=False)
+    record = device_record("GPU-sim-0", gpu_type="T4", gib=16)
+    with session_scope(fi_settings.database_url) as s:
+        device_rows.register_devices(session=s, devices=[record])
+        assert device_rows.claim_device(
+            session=s, uuids=[record.uuid], worker=identity.worker, ttl=600
+        )
+    job_id = submit(fi_settings, spec(faults={"fail_at_step": 3, "fail_with": "gpu_fault"}))
+    # When it runs
+    assert Supervisor(fi_settings, identity).run(job_id) == Outcome.REQUEUED
+    # Then the try counts as the infrastructure's, the job is due again at once for another
+    # GPU, and this one takes no job until its health check passes
+    job = view(fi_settings, job_id)
+    assert job["status"] == "queued" and job["attempts"] == 1
+    assert job["error"]["kind"] == "infra" and "ECC" in job["error"]["message"]
+    with session_scope(fi_settings.database_url) as s:
+        due = s.scalar(text("SELECT retry_at <= now() FROM jobs WHERE id = :j"), {"j": job_id})
+        suspicion = device_rows.suspicion(session=s, uuid=record.uuid)
+    assert due and suspicion is not None
+    assert Supervisor(fi_settings, identity).run(job_id) == Outcome.SKIPPED

@@ -7,6 +7,7 @@ versions and str in new ones, and ``nvmlDeviceGetHandleByUUID`` only takes bytes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -118,6 +119,10 @@ class FakeNvml:
     failures: dict[tuple[str, int], type[NVMLError]] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
     initialised: int = 0
+    #: per index: retired pages pending (NVML_FEATURE_ENABLED = 1); absent: not supported.
+    pages_pending: dict[int, int] = field(default_factory=dict)
+    #: per index: (corrected, uncorrected, pending, failed) remapped rows; absent: unsupported.
+    remapped_rows: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
 
     def module(self) -> types.ModuleType:
         fake = types.ModuleType("pynvml")
@@ -145,6 +150,8 @@ class FakeNvml:
             "nvmlDeviceGetUtilizationRates",
             "nvmlDeviceGetTemperature",
             "nvmlDeviceGetPowerUsage",
+            "nvmlDeviceGetRetiredPagesPendingStatus",
+            "nvmlDeviceGetRemappedRows",
         ):
             setattr(fake, name, getattr(self, name))
         return fake
@@ -227,6 +234,18 @@ class FakeNvml:
         if gpu.power_mw is None:
             raise NVMLError_NotSupported()
         return gpu.power_mw
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: int) -> int:
+        self._check("nvmlDeviceGetRetiredPagesPendingStatus", handle)
+        if handle not in self.pages_pending:
+            raise NVMLError_NotSupported()
+        return self.pages_pending[handle]
+
+    def nvmlDeviceGetRemappedRows(self, handle: int) -> tuple[int, int, int, int]:
+        self._check("nvmlDeviceGetRemappedRows", handle)
+        if handle not in self.remapped_rows:
+            raise NVMLError_NotSupported()
+        return self.remapped_rows[handle]
 
 
 @pytest.fixture
@@ -688,3 +707,54 @@ def test_module_imports_no_nvml_or_torch_at_import_time() -> None:
     source = Path(devices.__file__).read_text(encoding="utf-8")
     top_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     assert not [line for line in top_level if "pynvml" in line or "torch" in line]
+
+
+# --- health of a suspect device -----------------------------------------------------------
+
+
+def test_a_real_gpu_that_answers_with_nothing_pending_is_healthy(nvml: FakeNvml) -> None:
+    # Given an H100 (row remapping, no page retirement) and an A100 that reports neither
+    nvml.remapped_rows[0] = (2, 0, 0, 0)
+    # Then both are healthy, saying what was checked, and NVML is shut down again
+    h100 = devices.check_health(real_device(H100, 0))
+    assert h100 == devices.Health(True, "answers, no row remapping pending")
+    assert devices.check_health(real_device(A100, 1)) == devices.Health(True, "answers")
+    assert nvml.initialised == 0
+
+
+@pytest.mark.parametrize(
+    ("pages", "rows", "problem"),
+    [
+        (1, None, "retired pages are pending"),
+        (None, (0, 1, 1, 0), "row remapping is pending"),
+        (None, (0, 8, 0, 1), "row remapping failed"),
+    ],
+)
+def test_pending_memory_repairs_keep_a_gpu_unhealthy(
+    nvml: FakeNvml, pages: int | None, rows: tuple[int, int, int, int] | None, problem: str
+) -> None:
+    if pages is not None:
+        nvml.pages_pending[0] = pages
+    if rows is not None:
+        nvml.remapped_rows[0] = rows
+    found = devices.check_health(real_device(H100, 0))
+    assert not found.healthy and problem in found.detail
+    assert nvml.initialised == 0
+
+
+def test_a_lost_gpu_or_a_missing_driver_is_unhealthy(nvml: FakeNvml) -> None:
+    nvml.failures[("nvmlDeviceGetMemoryInfo", 0)] = NVMLError_GpuIsLost
+    lost = devices.check_health(real_device(H100, 0))
+    assert not lost.healthy and "GPU is lost" in lost.detail
+    gone = devices.check_health(dataclasses.replace(real_device(H100, 0), uuid="GPU-not-here"))
+    assert not gone.healthy
+    nvml.init_error = NVMLError_DriverNotLoaded
+    assert not devices.check_health(real_device(A100, 1)).healthy
+
+
+def test_a_simulated_gpu_is_healthy_unless_set_unhealthy() -> None:
+    (gpu,) = parse_fake_gpus("A100:80", host="h")
+    assert devices.check_health(gpu).healthy
+    assert not devices.check_health(gpu, fake_unhealthy=devices.parse_unhealthy("0")).healthy
+    assert devices.parse_unhealthy(" 0, 2 ") == frozenset({0, 2})
+    assert devices.parse_unhealthy("") == frozenset()

@@ -84,7 +84,7 @@ CASES: list[tuple[str, o.RunFacts, type, dict[str, object]]] = [
         "hardware fault",
         facts(None, o.EXIT_INFRA, suspect=True),
         o.Requeue,
-        {"counted": True, "immediate": False, "suspect_device": "boom"},
+        {"counted": True, "immediate": True, "suspect_device": "boom"},
     ),
     ("a crash (signal)", facts(None, -11), o.Requeue, {"counted": True, "immediate": False}),
 ]

@@ -7,8 +7,9 @@ hook is a no-op, so production trainers can call them unconditionally.
 - ``oom_above_micro_batch``: every step raises the framework's real out-of-memory exception
   while the micro-batch is larger than this, exactly as a too-large batch on a real GPU would.
 - ``fail_at_step`` + ``fail_with``: the step with that number (1-based) raises
-  :class:`InjectedTransientError` (an ``OSError``: infra, retried) or ``ValueError`` (user
-  error), only in the job's first attempt, so that a retry gets past it.
+  :class:`InjectedTransientError` (an ``OSError``: infra, retried), ``ValueError`` (user
+  error) or, for ``gpu_fault``, the ``RuntimeError`` CUDA raises on an uncorrectable ECC error
+  (infra, device suspect), only in the job's first attempt, so that a retry gets past it.
 - ``step_delay_s``: sleep after each step, so that tests can stop or kill a run mid-way.
 """
 
@@ -50,6 +51,11 @@ class Faults:
         if self.spec.fail_at_step == step and self.attempt == 1:
             if self.spec.fail_with == "transient":
                 raise InjectedTransientError(f"injected transient fault at step {step}")
+            if self.spec.fail_with == "gpu_fault":
+                raise RuntimeError(
+                    "CUDA error: uncorrectable ECC error encountered "
+                    f"(injected GPU fault at step {step})"
+                )
             raise ValueError(f"injected error at step {step}")
 
     def after_step(self) -> None:

@@ -4,18 +4,21 @@ It loads the launch, opens the control fd, listens for stop requests, picks the 
 built-in torch or tensorflow MLP, or the spec's custom entrypoint), runs it, and turns how it
 ended into one last message and an exit code:
 
-==========================================  =================================  ================
-how it ended                                message                            exit code
-==========================================  =================================  ================
-returned a result                           ``result``                         EXIT_OK
-``StopRequested`` (checkpoint saved)        none                               EXIT_STOPPED
-out of memory (torch/tf OOM, MemoryError)   ``failure`` kind ``oom``           EXIT_OOM
-``OSError`` (I/O, injected transient)       ``failure`` kind ``infra``         EXIT_INFRA
-anything else (bad spec, data, user code)   ``failure`` kind ``user_error``    EXIT_USER_ERROR
-==========================================  =================================  ================
+=============================================  =================================  ================
+how it ended                                   message                            exit code
+=============================================  =================================  ================
+returned a result                              ``result``                         EXIT_OK
+``StopRequested`` (checkpoint saved)           none                               EXIT_STOPPED
+out of memory (torch/tf OOM, MemoryError)      ``failure`` kind ``oom``           EXIT_OOM
+GPU/driver fault (Xid, ECC, lost GPU, NCCL)    ``failure`` kind ``infra``,        EXIT_INFRA
+                                               ``device_suspect``
+``OSError`` (I/O, injected transient)          ``failure`` kind ``infra``         EXIT_INFRA
+anything else (bad spec, data, user code)      ``failure`` kind ``user_error``    EXIT_USER_ERROR
+=============================================  =================================  ================
 
-A failure's traceback goes to stderr: the job's log. A framework that is not installed on this
-worker is a user error (the spec asks for what this fleet does not have).
+The class comes from the one table of failure patterns, ``app.domain.failures``. A failure's
+traceback goes to stderr: the job's log. A framework that is not installed on this worker is a
+user error (the spec asks for what this fleet does not have).
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import sys
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from app.domain.failures import FailureKind, classify_exception
 from app.domain.spec import check_policy
 from workers.trainers.context import TrainContext
 from workers.trainers.control import ControlChannel, StopFlag
@@ -44,14 +48,11 @@ from workers.trainers.protocol import (
 )
 
 Trainer = Callable[[TrainContext], Mapping[str, Any]]
-FailureKind = Literal["oom", "user_error", "infra"]
-
 _EXIT_CODES: dict[FailureKind, int] = {
     "oom": EXIT_OOM,
     "infra": EXIT_INFRA,
     "user_error": EXIT_USER_ERROR,
 }
-_CUDA_OOM_MARKERS = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC")
 
 
 def resolve_trainer(launch: Launch) -> Trainer:
@@ -96,22 +97,19 @@ def _import_entrypoint(entrypoint: str, launch: Launch) -> Trainer:
 
 
 def classify(exc: BaseException) -> FailureKind:
-    """The failure kind of an exception that ended a trainer."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
-        return "oom"
-    tf = sys.modules.get("tensorflow")
-    if tf is not None and isinstance(exc, tf.errors.ResourceExhaustedError):
-        return "oom"
-    if isinstance(exc, MemoryError):
-        return "oom"
-    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _CUDA_OOM_MARKERS):
-        return "oom"
-    if isinstance(exc, UserError):
-        return "user_error"
-    if isinstance(exc, OSError):
-        return "infra"
-    return "user_error"
+    """The failure kind of an exception that ended a trainer (``app.domain.failures``)."""
+    return classify_exception(exc).kind
+
+
+def failure_message(exc: BaseException, *, prefix: str = "") -> tuple[Failure, int]:
+    """The last message a failed trainer sends, and its exit code."""
+    found = classify_exception(exc)
+    failure = Failure(
+        kind=found.kind,
+        message=f"{prefix}{type(exc).__name__}: {exc}"[:4000],
+        device_suspect=found.device_suspect,
+    )
+    return failure, _EXIT_CODES[found.kind]
 
 
 def _result(outcome: Mapping[str, Any]) -> Result:
@@ -140,12 +138,12 @@ def run(launch: Launch, channel: ControlChannel, stop: StopFlag) -> int:
         ctx.log(f"stopped ({stop.reason or 'on request'})")
         return EXIT_STOPPED
     except BaseException as exc:  # every ending (SystemExit from user code too) gets a message
-        kind = classify(exc)
+        failure, code = failure_message(exc)
         traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
         _settle(ctx)
-        channel.send(Failure(kind=kind, message=f"{type(exc).__name__}: {exc}"[:4000]))
-        return _EXIT_CODES[kind]
+        channel.send(failure)
+        return code
     ctx.flush()
     channel.send(result)
     ctx.log(f"finished: final loss {result.final_loss}, weights {result.weights_sha256[:12]}")
@@ -165,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         launch = Launch.load(Path(args[0]))
     except Exception as exc:  # unreadable: infra; a spec this worker refuses: user error
         traceback.print_exc(file=sys.stderr)
-        kind = classify(exc)
-        channel.send(Failure(kind=kind, message=f"bad launch: {type(exc).__name__}: {exc}"[:4000]))
-        return _EXIT_CODES[kind]
+        failure, code = failure_message(exc, prefix="bad launch: ")
+        channel.send(failure)
+        return code
     return run(launch, channel, stop)
 
 

@@ -103,6 +103,8 @@ class Failure(_Msg):
     type: Literal["failure"] = "failure"
     kind: Literal["oom", "user_error", "infra"]
     message: str
+    #: a GPU or driver fault (``app.domain.failures``): the supervisor marks the device suspect.
+    device_suspect: bool = False
 
 
 class GpuMemory(_Msg):

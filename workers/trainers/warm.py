@@ -31,6 +31,12 @@ def _preload(framework: str) -> None:
     if framework == "torch":
         import torch
 
+        # The first optimizer a process builds imports torch's compiler stack (~3 s here):
+        # pay it now. No random numbers are drawn, so a job's seeded run is unchanged.
+        weight = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.Adam([weight])
+        torch.autograd.backward(weight.sum())
+        optimizer.step()
         if torch.cuda.is_available():
             torch.cuda.init()  # type: ignore[no-untyped-call]
 

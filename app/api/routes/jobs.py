@@ -83,8 +83,9 @@ def submit(
 def validate(spec: JobSpec, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     """Whether the spec is valid here and which registered devices could run it."""
     queue = _checked(spec, settings)
+    keys = ("uuid", "host", "index", "type", "memory_gb", "worker", "alive", "suspect")
     fits = [
-        {k: d[k] for k in ("uuid", "host", "index", "type", "memory_gb", "worker", "alive")}
+        {**{k: d[k] for k in keys}, "frameworks": sorted(d["frameworks"] or {})}
         for d in list_devices(session=session)
         if device_fits(
             device_type=d["type"],
@@ -93,12 +94,14 @@ def validate(spec: JobSpec, session: SessionDep, settings: SettingsDep) -> dict[
             job_memory_gb=spec.resources.memory_gb,
         )
     ]
-    reason = None
     if not fits:
-        reason = (
+        reason: str | None = (
             f"no registered device fits gpu_type={spec.resources.gpu_type} "
             f"memory_gb={spec.resources.memory_gb:g}; the job would wait"
         )
+    else:
+        devices = job_rows.fleet_devices(session)
+        reason = job_rows.fitting_reason(spec, job_rows.fits(spec, devices))
     return {"valid": True, "queue": queue, "fits": fits, "waiting_reason": reason}
 
 
