@@ -2,9 +2,10 @@
 #
 # dockerd changes the host when it starts: it turns on net.ipv4.ip_forward, sets the iptables
 # FORWARD policy to DROP, adds its chains and NAT rules (filter and nat tables), and creates the
-# docker0 bridge; none of it is undone when it stops. engine_start records that state first,
-# engine_stop stops what it started and restores the record: the sysctls, the FORWARD policy,
-# every iptables rule and chain that was not there before, and docker0 if it was not there.
+# docker0 bridge (and a br-<id> bridge per network); none of it is undone when it stops.
+# engine_start records that state first, engine_stop stops what it started and restores the
+# record: the sysctls, the FORWARD policy, every iptables rule and chain that was not there
+# before, and the docker0/br-<id> bridges that were not there.
 # An engine that was already running is used as it is and left running.
 #
 # The record lives in $ENGINE_STATE_DIR until it has been restored, so a run that was killed
@@ -25,6 +26,10 @@ _engine_ipt() {  # _engine_ipt iptables|ip6tables ARGS...: no-op where the tool 
   "$tool" -w "$@"
 }
 
+_engine_bridges() {  # the names of docker0 and br-<id> bridges, one a line
+  ip -o link show type bridge | awk -F': ' '{print $2}' | sed 's/@.*//' | grep -E '^(docker0|br-[0-9a-f]+)$' || true
+}
+
 engine_record_state() {
   local dir="$ENGINE_STATE_DIR" name tool table
   if [ -f "$dir/recorded" ]; then
@@ -43,7 +48,7 @@ engine_record_state() {
       _engine_ipt "$tool" -t "$table" -S >"$dir/$tool.$table" 2>/dev/null || : >"$dir/$tool.$table"
     done
   done
-  if ip link show docker0 >/dev/null 2>&1; then echo yes >"$dir/docker0"; else echo no >"$dir/docker0"; fi
+  _engine_bridges >"$dir/bridges"
   touch "$dir/recorded"
 }
 
@@ -79,9 +84,10 @@ engine_restore_state() {
       [ -f "$dir/$tool.$table" ] && _engine_restore_iptables "$tool" "$table" "$dir/$tool.$table"
     done
   done
-  if [ "$(cat "$dir/docker0")" = no ] && ip link show docker0 >/dev/null 2>&1; then
-    ip link delete docker0
-  fi
+  # docker0 and the compose networks' br-<id> bridges: dockerd leaves them behind.
+  while read -r name; do
+    [ -n "$name" ] && ip link delete "$name"
+  done < <(_engine_bridges | grep -vxF -f "$dir/bridges" || true)
   rm -rf "$dir"
 }
 
@@ -106,9 +112,11 @@ engine_start() {
     dev="$(ip route show default | awk '{for (i = 1; i < NF; i++) if ($i == "dev") print $(i + 1); exit}')"
     mtu="$(cat "/sys/class/net/${dev:-eth0}/mtu" 2>/dev/null || echo 1500)"
     # Everything dockerd starts (containerd, build steps, containers) inherits its niceness:
-    # the builds and the fleet yield the CPUs to whoever else works on this machine.
-    nice -n 19 ionice -c 3 dockerd --mtu "$mtu" --storage-driver overlay2 \
-      --pidfile "$ENGINE_STATE_DIR/dockerd.pid.daemon" >"$ENGINE_STATE_DIR/dockerd.log" 2>&1 &
+    # the builds and the fleet yield the CPUs and the disk to whoever else works on this
+    # machine (best-effort I/O at the lowest priority, not "idle", which can starve).
+    # 9>&-: dockerd outlives a killed caller, so it must not hold compose-smoke's lock.
+    nice -n 19 ionice -c 2 -n 7 dockerd --mtu "$mtu" --storage-driver overlay2 \
+      --pidfile "$ENGINE_STATE_DIR/dockerd.pid.daemon" >"$ENGINE_STATE_DIR/dockerd.log" 2>&1 9>&- &
     echo $! >"$ENGINE_STATE_DIR/dockerd.pid"
     ENGINE_STARTED=1
     _engine_log "started dockerd (pid $!, mtu $mtu, log $ENGINE_STATE_DIR/dockerd.log)"
