@@ -3,8 +3,9 @@
 # image registry: debootstrap (Debian packages only) + `docker import`. Prints the image's tag.
 #
 # The image stands in for python:3.11-slim-bookworm: `python3.11`/`python3` with venv, CA
-# certificates, and the host's extra CA certificates (a TLS-inspecting egress proxy), so that
-# pip and apt inside builds reach PyPI and Debian the way the host does. The tag carries a hash
+# certificates, and the host's extra CA certificates (a TLS-inspecting egress proxy) and
+# http(s) package indexes (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL or pip's config), so that pip
+# and apt inside builds reach PyPI and Debian the way the host does. The tag carries a hash
 # of everything that goes in, so a changed CA or package list makes a new image; an existing
 # one is reused (debootstrap takes minutes, the check a second).
 set -euo pipefail
@@ -16,6 +17,18 @@ REPO_NAME="gpufleet-local/debian-python"
 # Bump when the recipe below changes in a way the hash cannot see.
 RECIPE=1
 
+# The host's package index settings (environment first, then pip's configuration), http(s)
+# URLs only: a file:// index on the host's disk means nothing inside a build.
+pip_index() {  # pip_index index-url|extra-index-url
+  local env_name value
+  env_name="PIP_$(echo "$1" | tr 'a-z-' 'A-Z_')"
+  value="${!env_name:-}"
+  if [ -z "$value" ] && command -v pip >/dev/null 2>&1; then
+    value="$(pip config get "global.$1" 2>/dev/null || true)"
+  fi
+  printf '%s\n' $value | grep -E '^https?://' | xargs || true
+}
+
 extra_cas() {
   find /usr/local/share/ca-certificates -type f -name '*.crt' 2>/dev/null | sort
 }
@@ -23,6 +36,9 @@ extra_cas() {
 key() {
   {
     echo "$SUITE $MIRROR $PACKAGES $RECIPE"
+    local indexes
+    indexes="$(pip_index index-url) $(pip_index extra-index-url)"
+    [ "$indexes" = " " ] || echo "indexes $indexes"
     extra_cas | while read -r crt; do sha256sum "$crt"; done
   } | sha256sum | cut -c1-12
 }
@@ -49,14 +65,20 @@ nice -n 19 debootstrap --variant=minbase --include="$PACKAGES" \
 while read -r crt; do
   [ -n "$crt" ] && cp "$crt" "$rootfs/usr/local/share/ca-certificates/"
 done < <(extra_cas)
-chroot "$rootfs" update-ca-certificates >/dev/null
+# (its rehash step warns about the bundle file itself: harmless)
+chroot "$rootfs" update-ca-certificates >/dev/null 2>&1
 
 # What python:*-slim images also leave out: apt lists, caches, docs, man pages.
 rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb \
   "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/*
 
 bundle=/etc/ssl/certs/ca-certificates.crt
-tar -C "$rootfs" --numeric-owner -c . | docker import \
+changes=()
+index="$(pip_index index-url)"
+extra="$(pip_index extra-index-url)"
+[ -n "$index" ] && changes+=(--change "ENV PIP_INDEX_URL=$index")
+[ -n "$extra" ] && changes+=(--change "ENV PIP_EXTRA_INDEX_URL=\"$extra\"")
+tar -C "$rootfs" --numeric-owner -c . | docker import "${changes[@]}" \
   --change "ENV LANG=C.UTF-8" \
   --change "ENV PIP_CERT=$bundle SSL_CERT_FILE=$bundle REQUESTS_CA_BUNDLE=$bundle" \
   --change "ENV PIP_DEFAULT_TIMEOUT=180" \
