@@ -26,6 +26,7 @@ pip_index() {  # pip_index index-url|extra-index-url
   if [ -z "$value" ] && command -v pip >/dev/null 2>&1; then
     value="$(pip config get "global.$1" 2>/dev/null || true)"
   fi
+  # shellcheck disable=SC2086  # a space-separated list, one URL a line
   printf '%s\n' $value | grep -E '^https?://' | xargs || true
 }
 

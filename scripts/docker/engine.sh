@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/compose-smoke: start a Docker engine for the run and put the host back.
 #
 # dockerd changes the host when it starts: it turns on net.ipv4.ip_forward, sets the iptables
@@ -65,8 +66,9 @@ _engine_restore_iptables() {
   done < <(grep '^-A ' <<<"$now" | grep -vxF -f "$before" | tac || true)
   while read -r chain; do
     [ -n "$chain" ] || continue
-    _engine_ipt "$tool" -t "$table" -F "$chain" && _engine_ipt "$tool" -t "$table" -X "$chain" \
-      || _engine_log "could not remove chain $chain ($tool -t $table)"
+    if ! { _engine_ipt "$tool" -t "$table" -F "$chain" && _engine_ipt "$tool" -t "$table" -X "$chain"; }; then
+      _engine_log "could not remove chain $chain ($tool -t $table)"
+    fi
   done < <(grep '^-N ' <<<"$now" | grep -vxF -f "$before" | cut -d' ' -f2 || true)
   while read -r _ chain policy; do
     _engine_ipt "$tool" -t "$table" -P "$chain" "$policy"
