@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
 BASE_FILE = COMPOSE_DIR / "docker-compose.yml"
 CPU_FILE = COMPOSE_DIR / "docker-compose.cpu.yml"
+#: scripts/compose-smoke's override: local stand-ins for the postgres and redis images.
+LOCAL_FILE = ROOT / "scripts" / "docker" / "compose.local-images.yml"
+#: The only services whose images the local override may replace.
+STAND_IN_SERVICES = {"postgres", "redis"}
 
 #: Services that run until stopped and must report their health.
 LONG_RUNNING = ("postgres", "redis", "api", "reaper", "worker", "flower")
@@ -354,6 +358,28 @@ def cpu_override_problems(override: Doc, merged: Doc) -> list[str]:
     return problems
 
 
+def local_images_problems(override: Doc) -> list[str]:
+    """The local-images override: postgres and redis built from files that exist, nothing else.
+
+    Relative paths resolve against the first file's folder (compose/), as Compose does.
+    """
+    problems = []
+    services: dict[str, Doc] = override.get("services") or {}
+    for name in sorted(set(services) - STAND_IN_SERVICES):
+        problems.append(f"local images: must not change {name}")
+    for name in sorted(STAND_IN_SERVICES):
+        service = services.get(name) or {}
+        build = service.get("build") or {}
+        if set(service) != {"image", "build"}:
+            problems.append(f"local images: {name} may set only image and build")
+        if not str(service.get("image", "")).startswith("gpufleet-local/"):
+            problems.append(f"local images: {name}'s image must be named gpufleet-local/...")
+        dockerfile = COMPOSE_DIR / str(build.get("context", "")) / str(build.get("dockerfile", ""))
+        if not build.get("context") or not dockerfile.is_file():
+            problems.append(f"local images: {name} builds from a missing {dockerfile}")
+    return problems
+
+
 # --- fixtures --------------------------------------------------------------------------------
 
 
@@ -541,6 +567,32 @@ def test_merge_follows_compose_rules() -> None:
         "s": {"env": {"A": "1", "B": "2"}, "dns": ["1.1.1.1", "8.8.8.8"], "command": ["b"]}
     }
     assert merge({"s": {"x": {"y": 1}}}, {"s": {"x": Override({"z": 2})}}) == {"s": {"x": {"z": 2}}}
+
+
+def test_local_images_override_swaps_only_postgres_and_redis(merged: Doc) -> None:
+    override = load(LOCAL_FILE)
+    assert schema_errors(LOCAL_FILE) == ""
+    assert local_images_problems(override) == []
+    # The fleet with the stand-ins still follows every rule but the GPU request (CPU override).
+    assert compose_problems(merge(merged, override)) == [
+        "worker: no GPU reservation (driver nvidia, count all, capabilities gpu)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("changes", "flagged"),
+    [
+        ({"services__api": {"image": "gpufleet-local/api"}}, "must not change api"),
+        ({"services__redis__build__dockerfile": "nowhere.Dockerfile"}, "missing"),
+        ({"services__postgres__image": "postgres:16.9-bookworm"}, "gpufleet-local/"),
+        ({"services__postgres__environment": {"POSTGRES_PASSWORD": "x"}}, "only image and build"),
+    ],
+)
+def test_local_images_checker_flags_a_broken_override(
+    changes: dict[str, Any], flagged: str
+) -> None:
+    problems = local_images_problems(mutated(load(LOCAL_FILE), **changes))
+    assert any(flagged in problem for problem in problems), problems
 
 
 def test_build_contexts_and_dockerfiles_exist(base: Doc) -> None:

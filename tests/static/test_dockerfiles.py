@@ -1,8 +1,11 @@
 """Static checks of the Dockerfiles: hadolint, and the rules of the two images.
 
 No Docker engine is needed. The API image must stay free of torch and tensorflow (DESIGN.md,
-principle 5); both images are multi-stage, run as a non-root user and report their health. Each
-checker is also fed a broken Dockerfile, so that a rule which can no longer fail is noticed.
+principle 5); both images are multi-stage, run as a non-root user and report their health, and
+build where no image registry is reachable (the base image is a build argument, no `# syntax=`
+frontend to pull, a torch wheel in wheels/ is never downloaded again). Each checker is also fed
+a broken Dockerfile, so that a rule which can no longer fail is noticed.
+(scripts/compose-smoke builds and runs them on a real engine.)
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 API = ROOT / "Dockerfile.api"
 WORKER = ROOT / "Dockerfile.worker"
 DOCKERIGNORE = ROOT / ".dockerignore"
+#: The local stand-ins for the official postgres and redis images (scripts/compose-smoke).
+STAND_INS = sorted((ROOT / "scripts" / "docker").glob("*.Dockerfile"))
 
 API_CMD = ["gpufleet", "api", "--host", "0.0.0.0", "--port", "8000"]
 WORKER_CMD = ["gpufleet", "worker"]
@@ -82,9 +87,24 @@ def shell_commands(script: str) -> list[list[str]]:
     return [command for command in commands if command]
 
 
-def pip_install_args(found: list[Instruction]) -> list[str]:
-    """Every requirement that a `pip install` in a RUN names (options dropped)."""
-    requirements: list[str] = []
+def arg_defaults(found: list[Instruction]) -> dict[str, str]:
+    """The default of every `ARG NAME=default` in the file (global or in a stage)."""
+    defaults: dict[str, str] = {}
+    for keyword, rest in found:
+        if keyword == "ARG" and "=" in rest:
+            name, _, default = rest.partition("=")
+            defaults[name.strip()] = default.strip().strip("\"'")
+    return defaults
+
+
+def substitute(text: str, values: dict[str, str]) -> str:
+    """`$NAME` and `${NAME}` replaced by their value where one is known."""
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), text)
+
+
+def pip_installs(found: list[Instruction]) -> list[list[str]]:
+    """The words after `install` of every `pip install` in a RUN, options included."""
+    installs: list[list[str]] = []
     for keyword, args in found:
         if keyword != "RUN":
             continue
@@ -92,9 +112,38 @@ def pip_install_args(found: list[Instruction]) -> list[str]:
             head = [Path(word).name for word in words[:3]]
             if "install" not in words or not any(w.startswith("pip") for w in head):
                 continue
-            after = words[words.index("install") + 1 :]
-            requirements += [word for word in after if not word.startswith("-")]
-    return requirements
+            installs.append(words[words.index("install") + 1 :])
+    return installs
+
+
+def pip_install_args(found: list[Instruction]) -> list[str]:
+    """Every requirement that a `pip install` in a RUN names (options dropped, ARGs filled in)."""
+    defaults = arg_defaults(found)
+    return [
+        substitute(word, defaults)
+        for words in pip_installs(found)
+        for word in words
+        if not word.startswith("-") and not _option_value(words, word)
+    ]
+
+
+#: pip options that take a value (the value is not a requirement).
+_VALUED_OPTIONS = (
+    "-c",
+    "--constraint",
+    "-f",
+    "--find-links",
+    "-r",
+    "--requirement",
+    "-i",
+    "--index-url",
+    "--extra-index-url",
+)
+
+
+def _option_value(words: list[str], word: str) -> bool:
+    position = words.index(word)
+    return position > 0 and words[position - 1] in _VALUED_OPTIONS
 
 
 def base_images(found: list[Instruction]) -> list[str]:
@@ -111,9 +160,7 @@ def base_images(found: list[Instruction]) -> list[str]:
             continue
         seen_from = True
         words = [word for word in rest.split() if not word.startswith("--")]
-        image = re.sub(
-            r"\$\{?(\w+)\}?", lambda m: global_args.get(m.group(1), m.group(0)), words[0]
-        )
+        image = substitute(words[0], global_args)
         if image.lower() not in stages:
             images.append(image)
         if len(words) >= 3 and words[1].upper() == "AS":
@@ -130,6 +177,7 @@ def dockerfile_problems(text: str) -> list[str]:
     problems = []
     if sum(keyword == "FROM" for keyword, _ in found) < 2:
         problems.append("not multi-stage (fewer than two FROM)")
+    problems += offline_problems(text)
     for image in base_images(found):
         name = image.rpartition("/")[2]
         pinned = "@sha256:" in image or (":" in name and not name.endswith(":latest"))
@@ -146,6 +194,30 @@ def dockerfile_problems(text: str) -> list[str]:
         problems.append("the final stage has no HEALTHCHECK")
     problems += _ignore_problems(text)
     return problems
+
+
+def offline_problems(text: str) -> list[str]:
+    """What keeps a build off a registry: a `# syntax=` frontend, a base image fixed in FROM."""
+    problems = []
+    if re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE):
+        problems.append("a `# syntax=` line makes BuildKit pull a frontend image")
+    found = instructions(text)
+    stages: set[str] = set()
+    for keyword, rest in found:
+        if keyword != "FROM":
+            continue
+        words = [word for word in rest.split() if not word.startswith("--")]
+        if words[0].lower() not in stages and words[0] != "${BASE_IMAGE}":
+            problems.append(f"FROM {words[0]}: the base image must be ${{BASE_IMAGE}}")
+        if len(words) >= 3 and words[1].upper() == "AS":
+            stages.add(words[2].lower())
+    if "BASE_IMAGE" not in arg_defaults(found[: _first_from(found)]):
+        problems.append("no global `ARG BASE_IMAGE=<pinned image>` before the first FROM")
+    return problems
+
+
+def _first_from(found: list[Instruction]) -> int:
+    return next((i for i, (keyword, _) in enumerate(found) if keyword == "FROM"), len(found))
 
 
 def _ignore_problems(text: str) -> list[str]:
@@ -192,9 +264,29 @@ def worker_image_problems(text: str) -> list[str]:
             extras |= {extra.strip() for extra in match.group(1).split(",")}
     if not WORKER_EXTRAS.issubset(extras):
         problems.append(f"the worker image must install the extras {sorted(WORKER_EXTRAS)}")
+    raw = [word for words in pip_installs(found) for word in words if "[" in word]
+    if raw and not any("${" in word or "$" in word for word in raw):
+        problems.append("the extras are not a build argument (`ARG EXTRAS=...`)")
+    problems += wheels_problems(found)
     cmd = [exec_form(args) for keyword, args in final_stage(found) if keyword == "CMD"]
     if not cmd or cmd[-1] != WORKER_CMD:
         problems.append(f"CMD must be {json.dumps(WORKER_CMD)}")
+    return problems
+
+
+def wheels_problems(found: list[Instruction]) -> list[str]:
+    """The wheels/ hook: torch from a wheel file there, then pinned to it for the extras."""
+    problems = []
+    copies = [args for keyword, args in found if keyword == "COPY" and "--from=" not in args]
+    if not any(shlex.split(args)[0].rstrip("/") == "wheels" for args in copies):
+        problems.append("no `COPY wheels/ ...`: a local torch wheel cannot reach the build")
+    installs = pip_installs(found)
+    from_file = [w for words in installs for w in words if re.search(r"/torch-[^/]*\.whl$", w)]
+    if not from_file:
+        problems.append("a torch wheel in wheels/ is not installed from its file")
+    for words in installs:
+        if any("[" in word for word in words) and not {"-c", "--constraint"} & set(words):
+            problems.append("the extras install is not constrained to the installed torch")
     return problems
 
 
@@ -246,7 +338,7 @@ def hadolint(path: Path) -> subprocess.CompletedProcess[str]:
 # --- tests -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dockerfile", [API, WORKER], ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", [API, WORKER, *STAND_INS], ids=lambda p: p.name)
 def test_hadolint_passes(dockerfile: Path) -> None:
     result = hadolint(dockerfile)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -285,9 +377,10 @@ def test_dockerignore_keeps_local_state_out() -> None:
 
 
 GOOD = """\
-FROM python:3.11.13-slim AS build
+ARG BASE_IMAGE=python:3.11.13-slim
+FROM ${BASE_IMAGE} AS build
 RUN pip install --no-cache-dir .
-FROM python:3.11.13-slim
+FROM ${BASE_IMAGE}
 COPY --from=build /opt/venv /opt/venv
 USER 10001:10001
 HEALTHCHECK CMD ["gpufleet", "probe", "api"]
@@ -303,9 +396,12 @@ def test_the_checkers_accept_a_minimal_good_dockerfile() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "flagged"),
     [
-        ("FROM python:3.11.13-slim AS build\n", "", "not multi-stage"),
-        ("FROM python:3.11.13-slim\n", "FROM python:latest\n", "not pinned"),
-        ("FROM python:3.11.13-slim\n", "FROM python\n", "not pinned"),
+        ("FROM ${BASE_IMAGE} AS build\n", "", "not multi-stage"),
+        ("=python:3.11.13-slim\n", "=python:latest\n", "not pinned"),
+        ("=python:3.11.13-slim\n", "=python\n", "not pinned"),
+        ("FROM ${BASE_IMAGE}\n", "FROM python:3.11.13-slim\n", "must be ${BASE_IMAGE}"),
+        ("ARG BASE_IMAGE=python:3.11.13-slim\n", "", "no global `ARG BASE_IMAGE"),
+        ("ARG BASE", "# syntax=docker/dockerfile:1\nARG BASE", "`# syntax=` line"),
         ("USER 10001:10001\n", "", "no USER"),
         ("USER 10001:10001\n", "USER root\n", "runs as root"),
         ('HEALTHCHECK CMD ["gpufleet", "probe", "api"]\n', "", "no HEALTHCHECK"),
@@ -344,6 +440,27 @@ def test_worker_checker_flags_missing_extras() -> None:
     text = WORKER.read_text().replace("worker,tensorflow,flower", "worker")
     assert text != WORKER.read_text()
     assert any("extras" in problem for problem in worker_image_problems(text))
+
+
+def test_worker_checker_flags_extras_that_are_no_build_argument() -> None:
+    text = WORKER.read_text().replace("${EXTRAS}", "worker,tensorflow,flower")
+    assert text != WORKER.read_text()
+    assert "the extras are not a build argument (`ARG EXTRAS=...`)" in worker_image_problems(text)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "flagged"),
+    [
+        ("COPY wheels/ /wheels/\n", "", "no `COPY wheels/"),
+        ("/wheels/torch-*.whl \\", "torch \\", "not installed from its file"),
+        ("--constraint /wheels/constraints.txt", "", "not constrained"),
+    ],
+)
+def test_worker_checker_flags_a_broken_wheels_hook(old: str, new: str, flagged: str) -> None:
+    text = WORKER.read_text()
+    assert old in text
+    problems = worker_image_problems(text.replace(old, new))
+    assert any(flagged in problem for problem in problems), problems
 
 
 def test_copy_checker_flags_an_ignored_source() -> None:
