@@ -128,16 +128,17 @@ def up(
     data_dir: Annotated[
         Path | None,
         typer.Option(
+            envvar="GPUFLEET_DATA_DIR",
             help="Where the embedded PostgreSQL and Redis keep their data, when "
-            "GPUFLEET_DATABASE_URL / GPUFLEET_BROKER_URL are not set "
-            "[default: the user's data directory]."
+            "GPUFLEET_DATABASE_URL / GPUFLEET_BROKER_URL are not set (default: the user's "
+            "data directory, ~/.local/share/gpufleet on Linux).",
+            show_default=False,
         ),
     ] = None,
 ) -> None:
     """Run the whole fleet on this machine: API, reaper and one worker per GPU.
 
-    With no GPUFLEET_DATABASE_URL (GPUFLEET_BROKER_URL), it runs a PostgreSQL (Redis) of its
-    own, keeping the data in --data-dir across restarts.
+    Without GPUFLEET_DATABASE_URL / GPUFLEET_BROKER_URL it runs its own PostgreSQL / Redis.
     """
     settings = _settings()
     _logging()
