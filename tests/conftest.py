@@ -140,7 +140,9 @@ def template_db(postgres_address: tuple[str, int]) -> Iterator[str]:
 def new_database(template: str | None = None) -> str:
     """Create an empty database of the suite's (a clone of ``template``); returns its name."""
     name = f"gpufleet_t_{uuid.uuid4().hex[:12]}"
-    _admin(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+    # FILE_COPY: a plain copy of the template's files, quicker than WAL-logging a small one.
+    clone = f' TEMPLATE "{template}" STRATEGY FILE_COPY' if template else ""
+    _admin(f'CREATE DATABASE "{name}"{clone}')
     return name
 
 
