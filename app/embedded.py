@@ -271,6 +271,7 @@ class EmbeddedPostgres(_Server):
         self.pgdata.mkdir(mode=0o700, exist_ok=True)
         if run_as.uid is not None:
             _let_traverse(self.pgdata)
+            _let_traverse(bin_dir / "postgres")
             os.chown(self.pgdata, run_as.uid, run_as.gid or -1)
         argv = [
             str(bin_dir / "initdb"),
