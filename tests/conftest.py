@@ -96,6 +96,19 @@ def redis_server_url() -> str:
     return _servers.redis_url()
 
 
+def __getattr__(name: str) -> object:
+    """Names earlier versions of this module had as constants, now known once the servers run
+    (``from tests.conftest import PG_ADMIN_DSN`` starts the suite's Postgres)."""
+    if name == "PG_PORT":
+        return pg_address()[1]
+    if name == "PG_ADMIN_DSN":
+        host, port = pg_address()
+        return f"host={host} port={port} user=postgres dbname=postgres"
+    if name == "REDIS_URL":
+        return redis_server_url()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def sqlalchemy_url(dbname: str) -> str:
     host, port = pg_address()
     return f"postgresql+psycopg://postgres@{host}:{port}/{dbname}"
@@ -111,10 +124,7 @@ def with_port(url: str, port: int) -> str:
 def _admin(sql: str) -> None:
     import psycopg
 
-    host, port = pg_address()
-    with psycopg.connect(
-        f"host={host} port={port} user=postgres dbname=postgres", autocommit=True
-    ) as conn:
+    with psycopg.connect(__getattr__("PG_ADMIN_DSN"), autocommit=True) as conn:
         conn.execute(sql)
 
 
