@@ -40,6 +40,8 @@ POSTGRES_SERVICE_USER = "gpufleet-postgres"
 #: the database ``gpufleet up`` keeps its jobs in.
 DATABASE_NAME = "gpufleet"
 START_TIMEOUT_S = 60.0
+#: ports tried when the server's port is picked here (another process may take one first).
+PORT_TRIES = 3
 STOP_TIMEOUT_S = 30.0
 _PR_SET_PDEATHSIG = 1
 
@@ -155,13 +157,15 @@ def _wait_until(
     ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: str, log_path: Path
 ) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            raise EmbeddedError(f"{what} did not start (see {log_path}):\n{tail}")
+    while proc.poll() is None and time.monotonic() < deadline:
+        if ready():
+            return
         time.sleep(0.05)
+    tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    proc.wait()
+    raise EmbeddedError(f"{what} did not start (see {log_path}):\n{tail}")
 
 
 @dataclass
@@ -180,7 +184,32 @@ class _Server:
     def log_path(self) -> Path:
         return self.data_dir / "server.log"
 
+    def _run(
+        self,
+        argv: Callable[[int], list[str]],
+        ready: Callable[[], bool],
+        what: str,
+        **kwargs: object,
+    ) -> None:
+        """Start the server on ``port``, or on a free port; one picked that way is picked
+        again if another process took it before the server could bind it."""
+        tries = 1 if self.port else PORT_TRIES
+        chosen = self.port
+        for attempt in range(1, tries + 1):
+            self.port = chosen or free_port(self.host)
+            log.info("starting %s on %s:%d (data in %s)", what, self.host, self.port, self.data_dir)
+            proc = self._spawn(argv(self.port), **kwargs)
+            try:
+                _wait_until(ready, proc, what, self.log_path)
+                return
+            except EmbeddedError:
+                if attempt == tries:
+                    raise
+                log.warning("%s did not start on port %d; trying another port", what, self.port)
+
     def _spawn(self, argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        if self._log is not None:
+            self._log.close()
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(  # type: ignore[call-overload]
             argv,
@@ -238,32 +267,19 @@ class EmbeddedPostgres(_Server):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb(bin_dir, run_as)
-        self.port = self.port or free_port(self.host)
-        argv = [
-            str(bin_dir / "postgres"),
-            "-D",
-            str(self.pgdata),
-            "-p",
-            str(self.port),
-            "-c",
-            f"listen_addresses={self.host}",
-            "-c",
-            "unix_socket_directories=",
-            "-c",
-            f"max_connections={self.max_connections}",
-        ]
+        config = {
+            "listen_addresses": self.host,
+            "unix_socket_directories": "",
+            "max_connections": str(self.max_connections),
+        }
         if not self.durable:
-            argv += [
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-            ]
-        log.info("starting PostgreSQL on %s:%d (data in %s)", self.host, self.port, self.pgdata)
-        proc = self._spawn(argv, **run_as.popen_kwargs())
-        _wait_until(self._accepts, proc, "PostgreSQL", self.log_path)
+            config.update(fsync="off", synchronous_commit="off", full_page_writes="off")
+        options = [arg for key, value in config.items() for arg in ("-c", f"{key}={value}")]
+
+        def argv(port: int) -> list[str]:
+            return [str(bin_dir / "postgres"), "-D", str(self.pgdata), "-p", str(port), *options]
+
+        self._run(argv, self._accepts, "PostgreSQL", **run_as.popen_kwargs())
         return self
 
     def _initdb(self, bin_dir: Path, run_as: _RunAs) -> None:
@@ -340,31 +356,30 @@ class EmbeddedRedis(_Server):
     def start(self) -> EmbeddedRedis:
         binary = redis_server_binary()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port(self.host)
-        argv = [
-            str(binary),
-            "--port",
-            str(self.port),
-            "--bind",
-            self.host,
-            "--dir",
-            str(self.data_dir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.durable else "no",
-            "--daemonize",
-            "no",
-        ]
-        log.info("starting Redis on %s:%d", self.host, self.port)
-        proc = self._spawn(argv)
-        _wait_until(self._pings, proc, "Redis", self.log_path)
+        appendonly = "yes" if self.durable else "no"
+
+        def argv(port: int) -> list[str]:
+            return [
+                *(str(binary), "--port", str(port), "--bind", self.host),
+                *("--dir", str(self.data_dir), "--save", "", "--appendonly", appendonly),
+            ]
+
+        self._run(argv, self._pings, "Redis")
         return self
 
     def _pings(self) -> bool:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=1)
+        # One short try: the loop around this asks again, and notices a server that exited.
+        client = redis.Redis(
+            host=self.host,
+            port=self.port,
+            socket_connect_timeout=1,
+            socket_timeout=1,
+            retry=Retry(NoBackoff(), 0),
+        )
         try:
             return bool(client.ping())
         except redis.RedisError:

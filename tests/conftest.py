@@ -132,6 +132,16 @@ def migrate(url: str) -> None:
     upgrade(url)
 
 
+@pytest.fixture
+def server_data_dir() -> Iterator[Path]:
+    """A directory for an embedded server's data, outside pytest's temporary tree: pytest
+    resets that tree's root to mode 0700 whenever a session starts, which would lock out the
+    user an embedded Postgres runs as under root."""
+    path = Path(tempfile.mkdtemp(prefix="gpufleet-server-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres_address() -> tuple[str, int]:
     return pg_address()

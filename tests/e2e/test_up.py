@@ -122,7 +122,7 @@ def test_up_runs_api_reaper_and_a_worker_per_gpu(fleet_env: dict[str, str], tmp_
 
 
 def test_up_without_urls_runs_its_own_postgres_and_redis_and_keeps_jobs_across_restarts(
-    fleet_env: dict[str, str], tmp_path: Path
+    fleet_env: dict[str, str], tmp_path: Path, server_data_dir: Path
 ) -> None:
     # Given no database or broker URL, only a data directory
     env = {
@@ -131,7 +131,7 @@ def test_up_without_urls_runs_its_own_postgres_and_redis_and_keeps_jobs_across_r
         if key not in ("GPUFLEET_DATABASE_URL", "GPUFLEET_BROKER_URL")
     }
     env.update({"GPUFLEET_FAKE_GPUS": "A100:80", "GPUFLEET_HOSTNAME": "embedded-host"})
-    data_dir = tmp_path / "data"
+    data_dir = server_data_dir / "data"
     # When `up` starts, a job runs to success on the fleet's own servers
     up = Up.start(env, tmp_path / "up.log", "--data-dir", str(data_dir))
     try:
