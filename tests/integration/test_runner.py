@@ -133,12 +133,14 @@ def test_oom_backoff_keeps_the_effective_batch_and_later_attempts_start_there(
 def test_oom_at_every_micro_batch_fails_after_log2_batch_plus_one_tries(
     fi_settings: Settings,
 ) -> None:
-    job_id = submit(fi_settings, spec(faults={"oom_above_micro_batch": 0}, max_attempts=3))
+    training = {"epochs": 2, "batch_size": 16, "learning_rate": 0.01, "seed": 0}
+    faults = {"oom_above_micro_batch": 0}
+    job_id = submit(fi_settings, spec(training=training, faults=faults, max_attempts=3))
     assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.FAILED
     job = view(fi_settings, job_id)
     assert job["error"]["kind"] == "oom" and job["attempts"] == 1
     backoffs = [e for e in events(fi_settings, job_id) if e[0] == "oom_backoff"]
-    assert len(backoffs) + 1 == 9  # 256, 128, ..., 1: log2(256) + 1 trainer runs
+    assert len(backoffs) + 1 == 5  # 16, 8, 4, 2, 1: log2(16) + 1 trainer runs
 
 
 def test_a_bug_in_training_fails_at_once_as_a_user_error(fi_settings: Settings) -> None:
