@@ -10,10 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -24,8 +21,6 @@ from app.settings import Settings, SettingsError, get_settings
 cli = typer.Typer(help="gpufleet: a job queue for GPU training.", no_args_is_help=True)
 db_cli = typer.Typer(help="Database schema.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _settings() -> Settings:
@@ -44,18 +39,12 @@ def _logging(level: str = "INFO") -> None:
 
 @db_cli.command("upgrade")
 def db_upgrade() -> None:
-    """Apply the schema migrations (alembic upgrade head)."""
-    from alembic import command
-    from alembic.config import Config
+    """Apply the schema migrations (alembic upgrade head), from any directory."""
+    from app.migrations import upgrade
 
     settings = _settings()
-    ini = next((p for p in (ROOT / "alembic.ini", Path.cwd() / "alembic.ini") if p.exists()), None)
-    if ini is None:
-        typer.echo("gpufleet: alembic.ini not found (run from the project directory)", err=True)
-        raise typer.Exit(2)
-    cfg = Config(str(ini))
-    cfg.attributes["url"] = settings.database_url
-    command.upgrade(cfg, "head")
+    _logging()
+    upgrade(settings.database_url)
     typer.echo("database schema is up to date")
 
 
@@ -136,10 +125,26 @@ def probe(
 def up(
     host: Annotated[str, typer.Option(help="API address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="API port.")] = 8000,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="GPUFLEET_DATA_DIR",
+            help="Where the embedded PostgreSQL and Redis keep their data, when "
+            "GPUFLEET_DATABASE_URL / GPUFLEET_BROKER_URL are not set (default: the user's "
+            "data directory, ~/.local/share/gpufleet on Linux).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Run the whole fleet on this machine: API, reaper and one worker per GPU."""
+    """Run the whole fleet on this machine: API, reaper and one worker per GPU.
+
+    Without GPUFLEET_DATABASE_URL / GPUFLEET_BROKER_URL it runs its own PostgreSQL / Redis.
+    """
     settings = _settings()
-    db_upgrade()
+    _logging()
+    from app.embedded import EmbeddedError, default_data_dir, start_local_services
+    from app.local_fleet import Child, LocalFleet
+    from app.migrations import upgrade
     from workers.devices import discover
 
     try:
@@ -147,45 +152,55 @@ def up(
     except ValueError as exc:
         typer.echo(f"gpufleet up: {exc}", err=True)
         raise typer.Exit(2) from None
-    if not devices:
-        typer.echo(
-            "gpufleet up: no GPU found and GPUFLEET_FAKE_GPUS is not set; starting the API and "
-            "reaper without workers (set GPUFLEET_FAKE_GPUS=A100:80,T4:16 to simulate devices)",
-            err=True,
+    _ensure_port_free(host, port)
+    env = dict(os.environ)
+    with contextlib.ExitStack() as services:
+        try:
+            env.update(
+                start_local_services(
+                    data_dir or default_data_dir(),
+                    database="database_url" not in settings.model_fields_set,
+                    broker="broker_url" not in settings.model_fields_set,
+                    stack=services,
+                )
+            )
+        except EmbeddedError as exc:
+            typer.echo(f"gpufleet up: {exc}", err=True)
+            raise typer.Exit(2) from None
+        upgrade(env.get("GPUFLEET_DATABASE_URL", settings.database_url))
+        if not devices:
+            typer.echo(
+                "gpufleet up: no GPU found and GPUFLEET_FAKE_GPUS is not set; starting the API "
+                "and reaper without workers (set GPUFLEET_FAKE_GPUS=A100:80,T4:16 to simulate "
+                "devices)",
+                err=True,
+            )
+        exe = [sys.executable, "-m", "app.cli"]
+        fleet = LocalFleet(
+            [
+                Child("api", [*exe, "api", "--host", host, "--port", str(port)], env),
+                Child("reaper", [*exe, "reaper"], env),
+                *(Child(f"worker-{i}", [*exe, "worker"], env) for i in range(len(devices))),
+            ]
         )
-    exe = [sys.executable, "-m", "app.cli"]
-    commands = [
-        [*exe, "api", "--host", host, "--port", str(port)],
-        [*exe, "reaper"],
-        *([*exe, "worker"] for _ in devices),
-    ]
-    procs = [subprocess.Popen(c, start_new_session=True) for c in commands]
-    typer.echo(
-        f"gpufleet up: API on http://{host}:{port}, reaper, {len(devices)} worker(s); "
-        "Ctrl-C stops them"
-    )
+        typer.echo(
+            f"gpufleet up: API on http://{host}:{port}, reaper, {len(devices)} worker(s); "
+            "Ctrl-C stops them"
+        )
+        code = fleet.run()
+    raise typer.Exit(code)
 
-    def _stop(*_: object) -> None:
-        # The leader only, as `docker stop` does: a worker then hands its job back at a
-        # checkpoint (workers/drain.py) before it exits; its children follow it.
-        for p in procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, _stop)
+def _ensure_port_free(host: str, port: int) -> None:
+    """Refuse at once a port in use, rather than an API that fails and is started again."""
+    import socket
+
     try:
-        while all(p.poll() is None for p in procs[:2]):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        _stop()
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=30)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)  # a stuck leader, or what outlived it
-    raise typer.Exit(1 if any(p.returncode not in (0, -15, None) for p in procs[:2]) else 0)
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        typer.echo(f"gpufleet up: cannot listen on {host}:{port}: {exc.strerror}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _register_user_commands() -> None:

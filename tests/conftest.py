@@ -1,51 +1,154 @@
 """Fixtures shared by every tier: a real Postgres database per test, a real Redis database.
 
+The suite shares nothing with the machine: on first use it starts a Postgres and a Redis of
+its own on free ports (the embedded servers ``gpufleet up`` uses, ``app/embedded.py``) and
+stops them at the end, so two runs side by side, or a run beside a fleet, never meet. Set
+``GPUFLEET_TEST_PG`` (``host:port``, superuser ``postgres`` without password) or
+``GPUFLEET_TEST_REDIS`` (``redis://host:port``) to use servers you started instead: the suite
+then creates and drops its own databases on that Postgres, and empties Redis databases 13 and
+14 of that Redis.
+
 The schema is migrated once into a template database; each test gets a cheap clone of it
-(``CREATE DATABASE ... TEMPLATE``). A missing Postgres or Redis is an error, never a skip.
+(``CREATE DATABASE ... TEMPLATE``). A server that does not start is an error, never a skip.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis
-from alembic import command
-from alembic.config import Config
 
 from app.db.devices import DeviceRecord
+from app.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.migrations import upgrade
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-PG_HOST = os.environ.get("GPUFLEET_TEST_PG_HOST", "127.0.0.1")
-PG_ADMIN_DSN = f"host={PG_HOST} port=5432 user=postgres dbname=postgres"
-REDIS_URL = os.environ.get("GPUFLEET_TEST_REDIS", "redis://127.0.0.1:6379")
+PG_HOST = "127.0.0.1"
 #: Redis database for in-process tests; end-to-end tests take their own.
 REDIS_TEST_DB = 14
 
 
+class _PrivateServers:
+    """The suite's own Postgres and Redis, started on first use and stopped at the end."""
+
+    def __init__(self) -> None:
+        self._dir: Path | None = None
+        self._pg: EmbeddedPostgres | None = None
+        self._redis: EmbeddedRedis | None = None
+        self._pg_address: tuple[str, int] | None = None
+        self._redis_url: str | None = None
+
+    def _data_dir(self) -> Path:
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="gpufleet-tests-"))
+        return self._dir
+
+    def pg_address(self) -> tuple[str, int]:
+        if self._pg_address is None:
+            given = os.environ.get("GPUFLEET_TEST_PG")
+            if given:
+                host, _, port = given.rpartition(":")
+                self._pg_address = (host or PG_HOST, int(port))
+            else:
+                self._pg = EmbeddedPostgres(self._data_dir() / "postgres", durable=False).start()
+                self._pg_address = (self._pg.host, self._pg.port)
+        return self._pg_address
+
+    def redis_url(self) -> str:
+        if self._redis_url is None:
+            given = os.environ.get("GPUFLEET_TEST_REDIS")
+            if given:
+                self._redis_url = given.rstrip("/")
+            else:
+                self._redis = EmbeddedRedis(self._data_dir() / "redis", durable=False).start()
+                self._redis_url = self._redis.url().rsplit("/", 1)[0]
+        return self._redis_url
+
+    def stop(self) -> None:
+        for server in (self._redis, self._pg):
+            if server is not None:
+                server.stop()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+_servers = _PrivateServers()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _servers.stop()
+
+
+def pg_address() -> tuple[str, int]:
+    """(host, port) of the suite's Postgres (started on first call)."""
+    return _servers.pg_address()
+
+
+def redis_server_url() -> str:
+    """``redis://host:port`` of the suite's Redis, without a database number."""
+    return _servers.redis_url()
+
+
+def __getattr__(name: str) -> object:
+    """Names earlier versions of this module had as constants, now known once the servers run
+    (``from tests.conftest import PG_ADMIN_DSN`` starts the suite's Postgres)."""
+    if name == "PG_PORT":
+        return pg_address()[1]
+    if name == "PG_ADMIN_DSN":
+        host, port = pg_address()
+        return f"host={host} port={port} user=postgres dbname=postgres"
+    if name == "REDIS_URL":
+        return redis_server_url()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def sqlalchemy_url(dbname: str) -> str:
-    return f"postgresql+psycopg://postgres@{PG_HOST}:5432/{dbname}"
+    host, port = pg_address()
+    return f"postgresql+psycopg://postgres@{host}:{port}/{dbname}"
+
+
+def with_port(url: str, port: int) -> str:
+    """The same database URL through another port (an outage proxy, a closed port)."""
+    from sqlalchemy import make_url
+
+    return make_url(url).set(port=port).render_as_string(hide_password=False)
 
 
 def _admin(sql: str) -> None:
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]
+    import psycopg
+
+    with psycopg.connect(__getattr__("PG_ADMIN_DSN"), autocommit=True) as conn:
+        conn.execute(sql)
 
 
 def migrate(url: str) -> None:
-    cfg = Config(str(ROOT / "alembic.ini"))
-    cfg.attributes["url"] = url
-    cfg.attributes["configure_logger"] = False
-    command.upgrade(cfg, "head")
+    upgrade(url)
+
+
+@pytest.fixture
+def server_data_dir() -> Iterator[Path]:
+    """A directory for an embedded server's data, outside pytest's temporary tree: pytest
+    resets that tree's root to mode 0700 whenever a session starts, which would lock out the
+    user an embedded Postgres runs as under root."""
+    path = Path(tempfile.mkdtemp(prefix="gpufleet-server-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def template_db() -> Iterator[str]:
+def postgres_address() -> tuple[str, int]:
+    return pg_address()
+
+
+@pytest.fixture(scope="session")
+def template_db(postgres_address: tuple[str, int]) -> Iterator[str]:
     name = f"gpufleet_tpl_{os.getpid()}"
     _admin(f'DROP DATABASE IF EXISTS "{name}"')
     _admin(f'CREATE DATABASE "{name}"')
@@ -54,12 +157,16 @@ def template_db() -> Iterator[str]:
     _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def db_url(template_db: str) -> Iterator[str]:
-    """A migrated, empty database of this test's own."""
+def new_database(template: str | None = None) -> str:
+    """Create an empty database of the suite's (a clone of ``template``); returns its name."""
     name = f"gpufleet_t_{uuid.uuid4().hex[:12]}"
-    _admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    yield sqlalchemy_url(name)
+    # FILE_COPY: a plain copy of the template's files, quicker than WAL-logging a small one.
+    clone = f' TEMPLATE "{template}" STRATEGY FILE_COPY' if template else ""
+    _admin(f'CREATE DATABASE "{name}"{clone}')
+    return name
+
+
+def drop_database(name: str) -> None:
     from app.db.session import _factories
 
     factory = _factories.pop(sqlalchemy_url(name), None)
@@ -68,9 +175,17 @@ def db_url(template_db: str) -> Iterator[str]:
     _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def db_url(template_db: str) -> Iterator[str]:
+    """A migrated, empty database of this test's own."""
+    name = new_database(template_db)
+    yield sqlalchemy_url(name)
+    drop_database(name)
+
+
 def flushed_redis(db: int) -> Iterator[str]:
-    """A Redis database emptied before and after the test."""
-    url = f"{REDIS_URL}/{db}"
+    """A database of the suite's Redis, emptied before and after the test."""
+    url = f"{redis_server_url()}/{db}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url
@@ -78,8 +193,13 @@ def flushed_redis(db: int) -> Iterator[str]:
     client.close()
 
 
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    return redis_server_url()
+
+
 @pytest.fixture
-def redis_url() -> Iterator[str]:
+def redis_url(redis_server: str) -> Iterator[str]:
     yield from flushed_redis(REDIS_TEST_DB)
 
 

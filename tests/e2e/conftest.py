@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from app.embedded import EmbeddedRedis
 from tests.conftest import flushed_redis
 from tests.e2e.fleet import Fleet
 
@@ -23,8 +24,15 @@ E2E_TIMINGS = {
 
 
 @pytest.fixture
-def broker_url() -> Iterator[str]:
+def broker_url(redis_server: str) -> Iterator[str]:
     yield from flushed_redis(E2E_REDIS_DB)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis server of this test alone, which it may kill and start again empty."""
+    with EmbeddedRedis(tmp_path / "own-redis", durable=False).start() as server:
+        yield server
 
 
 @pytest.fixture

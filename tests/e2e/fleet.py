@@ -93,6 +93,7 @@ class Fleet:
     workdir: Path
     procs: list[Proc] = field(default_factory=list)
     api_url: str = ""
+    _api_ready: bool = False
 
     def _start(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> Proc:
         log_path = self.workdir / f"{name}.log"
@@ -110,11 +111,18 @@ class Fleet:
         return proc
 
     def start_api(self) -> Proc:
+        """Start the API; the first request through this fleet waits until it answers, so the
+        other processes start meanwhile."""
         port = free_port()
         proc = self._start("api", ["api", "--port", str(port)])
         self.api_url = f"http://127.0.0.1:{port}"
-        wait_for(self._healthy, timeout=30, what="the API's /healthz")
+        self._api_ready = False
         return proc
+
+    def wait_api(self) -> None:
+        if not self._api_ready:
+            wait_for(self._healthy, timeout=60, what="the API's /healthz")
+            self._api_ready = True
 
     def _healthy(self) -> bool:
         try:
@@ -187,11 +195,13 @@ class Fleet:
     # -- the API ---------------------------------------------------------------------------
 
     def get(self, path: str) -> Any:
+        self.wait_api()
         response = httpx.get(f"{self.api_url}{path}", timeout=10)
         response.raise_for_status()
         return response.json()
 
     def submit(self, spec: dict[str, Any]) -> str:
+        self.wait_api()
         response = httpx.post(f"{self.api_url}/v1/jobs", json=spec, timeout=10)
         assert response.status_code == 201, response.text
         job_id: str = response.json()["id"]

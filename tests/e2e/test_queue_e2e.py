@@ -6,12 +6,14 @@ import signal
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import redis
 from sqlalchemy import text
 
 from app.db.session import session_scope
+from app.embedded import EmbeddedRedis
 from app.queue import Dispatcher
 from app.settings import Settings
 from tests.e2e.fleet import Fleet, cmdline, small_job, wait_for
@@ -118,20 +120,30 @@ def test_a_worker_told_to_stop_hands_its_job_back_and_exits(fleet: Fleet) -> Non
     assert "handed_back" in kinds and "resumed" in kinds
 
 
-def test_flushall_loses_no_job(fleet: Fleet, broker_url: str) -> None:
-    # Given queued jobs whose wake-ups sit in Redis while no worker runs
-    fleet.start_api()
-    fleet.start_reaper()
-    ids = [fleet.submit(small_job(name=f"flush-{i}")) for i in range(4)]
-    client = redis.Redis.from_url(broker_url)
-    assert client.dbsize() > 0
-    # When Redis loses everything
-    client.flushall()
-    # Then once workers start, every job still finishes (the reaper dispatches again)
-    fleet.start_worker("worker-a", fake_gpus="A100:80", host="host-a")
-    fleet.start_worker("worker-b", fake_gpus="T4:16", host="host-b")
-    final = fleet.wait_final(ids, timeout=180)
-    assert all(job["status"] == "succeeded" for job in final.values())
+def test_redis_losing_everything_loses_no_job(
+    fleet_env: dict[str, str], own_redis: EmbeddedRedis, tmp_path: Path
+) -> None:
+    # Given queued jobs whose wake-ups sit in a Redis of this test's own, while no worker runs
+    fleet = Fleet(env={**fleet_env, "GPUFLEET_BROKER_URL": own_redis.url()}, workdir=tmp_path)
+    try:
+        fleet.start_api()
+        fleet.start_reaper()
+        ids = [fleet.submit(small_job(name=f"lost-{i}")) for i in range(4)]
+        client = redis.Redis.from_url(own_redis.url())
+        assert client.dbsize() > 0
+        # When Redis dies and comes back empty (no persistence): every message and binding lost
+        assert own_redis.proc is not None
+        own_redis.proc.kill()
+        own_redis.proc.wait()
+        own_redis.start()
+        assert client.dbsize() == 0
+        # Then once workers start, every job still finishes (the reaper dispatches again)
+        fleet.start_worker("worker-a", fake_gpus="A100:80", host="host-a")
+        fleet.start_worker("worker-b", fake_gpus="T4:16", host="host-b")
+        final = fleet.wait_final(ids, timeout=180)
+        assert all(job["status"] == "succeeded" for job in final.values())
+    finally:
+        fleet.stop()
 
 
 def test_duplicate_deliveries_run_once(fleet: Fleet, db_url: str, broker_url: str) -> None:

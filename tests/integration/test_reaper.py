@@ -14,6 +14,7 @@ from app.db.session import session_scope
 from app.domain.spec import JobSpec
 from app.queue import Dispatcher
 from app.settings import Settings
+from tests.conftest import with_port
 from workers.reaper import Reaper
 
 SPEC = JobSpec.model_validate({"framework": "torch"})
@@ -66,7 +67,7 @@ def test_after_losing_the_database_it_reaps_nothing_for_one_lease_ttl(
 
 
 def _unreachable(settings: Settings) -> str:
-    return settings.database_url.replace("@127.0.0.1:5432", "@127.0.0.1:1")
+    return with_port(settings.database_url, 1)
 
 
 def test_it_resends_only_the_wake_ups_the_broker_lost(settings: Settings, redis_url: str) -> None:

@@ -136,12 +136,14 @@ def test_oom_backoff_keeps_the_effective_batch_and_later_attempts_start_there(
 def test_oom_at_every_micro_batch_fails_after_log2_batch_plus_one_tries(
     fi_settings: Settings,
 ) -> None:
-    job_id = submit(fi_settings, spec(faults={"oom_above_micro_batch": 0}, max_attempts=3))
+    training = {"epochs": 2, "batch_size": 16, "learning_rate": 0.01, "seed": 0}
+    faults = {"oom_above_micro_batch": 0}
+    job_id = submit(fi_settings, spec(training=training, faults=faults, max_attempts=3))
     assert Supervisor(fi_settings, IDENTITY).run(job_id) == Outcome.FAILED
     job = view(fi_settings, job_id)
     assert job["error"]["kind"] == "oom" and job["attempts"] == 1
     backoffs = [e for e in events(fi_settings, job_id) if e[0] == "oom_backoff"]
-    assert len(backoffs) + 1 == 9  # 256, 128, ..., 1: log2(256) + 1 trainer runs
+    assert len(backoffs) + 1 == 5  # 16, 8, 4, 2, 1: log2(16) + 1 trainer runs
 
 
 def test_a_bug_in_training_fails_at_once_as_a_user_error(fi_settings: Settings) -> None:
@@ -230,13 +232,14 @@ def test_a_corrupt_latest_checkpoint_is_skipped_for_the_one_before(
 def test_a_supervisor_that_cannot_renew_kills_its_trainer_before_the_lease_expires(
     fi_settings: Settings, outage: str
 ) -> None:
+    from tests.conftest import pg_address, with_port
     from tests.e2e.fleet import cmdline, descendants
     from tests.outage import CuttableProxy
 
     # Given a job running through a database connection that is about to fail
-    proxy = CuttableProxy(("127.0.0.1", 5432))
+    proxy = CuttableProxy(pg_address())
     through_proxy = fi_settings.model_copy(
-        update={"database_url": fi_settings.database_url.replace(":5432/", f":{proxy.port}/")}
+        update={"database_url": with_port(fi_settings.database_url, proxy.port)}
     )
     job_id = submit(fi_settings, spec(faults={"step_delay_s": 0.2}, training={"epochs": 50}))
     runner, outcome = run_in_background(through_proxy, job_id, until_step=2)

@@ -14,8 +14,8 @@ renamed ``e<lease epoch>-s<step>``.
 
 Resume is bit-exact on the CPU (TensorFlow 2.21, Keras 3.15): a run killed after its second
 checkpoint and resumed under a new lease ends with the same ``weights_sha256`` and the same
-``final_loss`` as an uninterrupted one (``tests/unit/test_trainers_tf.py`` asserts it). Micro-
-batch 64 vs 256 differs by float rounding only, as in torch.
+``final_loss`` as an uninterrupted one (``tests/integration/test_trainers_tf.py`` asserts
+it). Micro-batch 64 vs 256 differs by float rounding only, as in torch.
 
 ``final_loss`` is the mean per-step training loss over the last training epoch reached;
 ``weights_sha256`` is over each trainable variable's bytes in ``model.trainable_variables``

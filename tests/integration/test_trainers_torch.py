@@ -7,6 +7,7 @@ Each test runs ``python -m workers.trainers.main`` the way the supervisor does (
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from app.domain.spec import JobSpec
-from tests.trainer_support import Trainer, launch, run_trainer, spec
+from tests.trainer_support import Outcome, Trainer, launch, run_trainer, spec
 from workers.trainers.protocol import (
     EXIT_INFRA,
     EXIT_OK,
@@ -49,10 +50,21 @@ def kill_after_checkpoints(count: int):  # type: ignore[no-untyped-def]
     return on_message
 
 
-def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Outcome:
+    """One uninterrupted run of ``spec()``, computed once for the tests that compare with it
+    (they only read it: a test that changes its checkpoints works on copies)."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    out = run_trainer(launch(workdir, spec()), workdir)
+    assert out.code == EXIT_OK, out.stderr
+    return out
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(
+    tmp_path: Path, uninterrupted: Outcome
+) -> None:
     # Given an uninterrupted run A
-    a = run_trainer(launch(tmp_path / "a", spec()), tmp_path / "a")
-    assert a.code == EXIT_OK, a.stderr
+    a = uninterrupted
     # When run B is killed (SIGKILL) right after its second checkpoint
     slow = spec(faults={"step_delay_s": 0.02})
     b1 = run_trainer(launch(tmp_path / "b", slow), tmp_path / "b", kill_after_checkpoints(2))
@@ -104,11 +116,15 @@ def test_injected_oom_exits_oom_and_a_smaller_micro_batch_fits(tmp_path: Path) -
     assert fits.result.metrics["steps"] == 5
 
 
-def test_a_corrupt_newest_checkpoint_is_skipped_for_the_one_before(tmp_path: Path) -> None:
-    # Given a finished run whose newest checkpoint (step 80) is then truncated
-    first = run_trainer(launch(tmp_path, spec()), tmp_path)
-    assert first.code == EXIT_OK, first.stderr
-    newest, *older = first.newest_first()
+def test_a_corrupt_newest_checkpoint_is_skipped_for_the_one_before(
+    tmp_path: Path, uninterrupted: Outcome
+) -> None:
+    # Given a finished run whose newest checkpoint (step 80) is then truncated (in a copy)
+    first = uninterrupted
+    (tmp_path / "recorded").mkdir()
+    newest, *older = [
+        Path(shutil.copy(path, tmp_path / "recorded" / path.name)) for path in first.newest_first()
+    ]
     newest.write_bytes(newest.read_bytes()[:100])
     # When a new lease resumes from the recorded checkpoints
     again = run_trainer(
