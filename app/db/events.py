@@ -1,15 +1,34 @@
-"""Job events: every state change, lease, checkpoint, backoff and retry leaves a row."""
+"""Job events: every state change, lease, checkpoint, backoff and retry leaves a row.
+
+Each event gets the job's next ``seq`` in the inserting transaction: ``UPDATE jobs SET
+event_seq = event_seq + 1 ... RETURNING`` takes the job's row lock, held until commit, so two
+writers of one job number their events one after the other and commit in that order. A reader
+that has seen ``seq`` N has seen every event before it: a stream cursor never skips a row.
+"""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, select, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from app.db.models import JobEvent
 from app.domain.states import EventKind
+
+_INSERT = text(
+    """
+    WITH s AS (UPDATE jobs SET event_seq = event_seq + 1 WHERE id = :job_id RETURNING event_seq)
+    INSERT INTO job_events (job_id, seq, kind, message, epoch, data)
+    SELECT CAST(:job_id AS uuid), s.event_seq, CAST(:kind AS varchar), CAST(:message AS text),
+           CAST(:epoch AS bigint), :data
+      FROM s
+    """
+).bindparams(bindparam("data", type_=JSONB(none_as_null=True)))
 
 
 def add_event(
@@ -22,29 +41,39 @@ def add_event(
     data: dict[str, Any] | None = None,
 ) -> None:
     session.execute(
-        insert(JobEvent).values(
-            job_id=job_id, kind=kind.value, message=message, epoch=epoch, data=data
-        )
+        _INSERT,
+        {"job_id": job_id, "kind": kind.value, "message": message, "epoch": epoch, "data": data},
     )
+
+
+@dataclass(frozen=True)
+class EventRow:
+    seq: int
+    at: datetime
+    kind: str
+    epoch: int | None
+    message: str
+    data: dict[str, Any] | None
 
 
 def list_events(
-    *, session: Session, job_id: uuid.UUID, after_id: int = 0, limit: int = 1000
-) -> list[dict[str, Any]]:
-    rows = session.scalars(
-        select(JobEvent)
-        .where(JobEvent.job_id == job_id, JobEvent.id > after_id)
-        .order_by(JobEvent.id)
+    *, session: Session, job_id: uuid.UUID, after: int = 0, limit: int = 1000
+) -> list[EventRow]:
+    """Events with ``seq > after``, in order, at most ``limit``."""
+    rows = session.execute(
+        select(
+            JobEvent.seq,
+            JobEvent.at,
+            JobEvent.kind,
+            JobEvent.epoch,
+            JobEvent.message,
+            JobEvent.data,
+        )
+        .where(JobEvent.job_id == job_id, JobEvent.seq > after)
+        .order_by(JobEvent.seq)
         .limit(limit)
-    )
+    ).all()
     return [
-        {
-            "id": e.id,
-            "at": e.at.isoformat(),
-            "kind": e.kind,
-            "epoch": e.epoch,
-            "message": e.message,
-            "data": e.data,
-        }
-        for e in rows
+        EventRow(seq=r.seq, at=r.at, kind=r.kind, epoch=r.epoch, message=r.message, data=r.data)
+        for r in rows
     ]

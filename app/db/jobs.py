@@ -1,22 +1,29 @@
-"""Submitting, reading, listing and cancelling jobs (the user's side of the jobs table)."""
+"""Submitting, reading, listing and cancelling jobs (the user's side of the jobs table).
+
+Reads return ``JobRecord`` dataclasses; the API builds the public shapes from them. A job, its
+lease history and its latest checkpoint come from one statement, and a page of jobs from one
+statement plus one read of the device table (only when a job on it is queued): the cost of a
+page does not grow with the number of jobs on it. A stored spec is never validated again.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from app.db.events import add_event
-from app.db.models import Checkpoint, Device, Job, Lease
-from app.domain.routing import device_fits
-from app.domain.spec import JobSpec
+from app.db.models import Device, Job
+from app.domain.routing import RoutingError, device_fits
+from app.domain.spec import SPEC_VERSION, JobSpec
 from app.domain.states import EventKind, JobStatus
 
 
@@ -32,10 +39,82 @@ class JobAlreadyFinished(Exception):
     """The job has already finished; there is nothing to cancel."""
 
 
+class AmbiguousJobId(Exception):
+    """A job id prefix matches more than one of the tenant's jobs."""
+
+    def __init__(self, prefix: str, candidates: list[uuid.UUID]) -> None:
+        shown = ", ".join(str(c) for c in candidates)
+        super().__init__(f"job id prefix {prefix!r} is ambiguous: it matches {shown}")
+        self.candidates = candidates
+
+
 @dataclass(frozen=True)
 class Submitted:
     job_id: uuid.UUID
     created: bool  #: False when an Idempotency-Key returned an earlier job
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    epoch: int
+    worker: str
+    device: str | None
+    host: str | None  #: the device's host, when the device is registered
+    gpu_index: int | None
+    gpu_name: str | None
+    gpu_type: str | None
+    acquired_at: datetime
+    expires_at: datetime
+    released_at: datetime | None
+    outcome: str | None
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    step: int
+    path: str
+    saved_at: datetime
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    size: int
+    micro_batch: int
+    accumulation: int
+
+
+@dataclass(frozen=True)
+class GpuRecord:
+    peak_memory_gb: float | None
+    mean_utilization: float | None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: uuid.UUID
+    name: str
+    tenant: str
+    status: JobStatus
+    spec: dict[str, Any]
+    spec_version: int
+    queue: str
+    priority: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    max_attempts: int
+    retry_at: datetime | None
+    waiting_reason: str | None
+    cancel_requested: bool
+    lease: LeaseRecord | None  #: the live lease
+    leases: list[LeaseRecord]
+    progress: dict[str, Any] | None
+    checkpoint: CheckpointRecord | None
+    batch: BatchRecord
+    gpu: GpuRecord | None
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
 
 
 def spec_hash(spec: JobSpec) -> str:
@@ -54,6 +133,7 @@ def submit_job(
         "name": spec.name,
         "status": JobStatus.QUEUED,
         "spec": spec.model_dump(mode="json"),
+        "spec_version": SPEC_VERSION,
         "queue": spec.queue,
         "priority": spec.priority,
         "idempotency_key": idempotency_key,
@@ -81,13 +161,15 @@ def submit_job(
     return Submitted(job_id=new_id, created=True)
 
 
-def cancel_job(*, session: Session, tenant: str, job_id: uuid.UUID) -> JobStatus:
-    """Cancel a queued job at once; ask a running one to stop at its next step."""
+def cancel_job(*, session: Session, tenant: str | None, job_id: uuid.UUID) -> JobStatus:
+    """Cancel a queued job at once; ask a running one to stop at its next step. ``tenant``
+    None: any tenant's job (an admin)."""
+    scope = [] if tenant is None else [Job.tenant == tenant]
     row = session.execute(
         update(Job)
         .where(
             Job.id == job_id,
-            Job.tenant == tenant,
+            *scope,
             Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
         )
         .values(
@@ -103,7 +185,7 @@ def cancel_job(*, session: Session, tenant: str, job_id: uuid.UUID) -> JobStatus
         .returning(Job.status, Job.epoch)
     ).one_or_none()
     if row is None:
-        status = session.scalar(select(Job.status).where(Job.id == job_id, Job.tenant == tenant))
+        status = session.scalar(select(Job.status).where(Job.id == job_id, *scope))
         if status is None:
             raise JobNotFound(f"job {job_id} not found")
         raise JobAlreadyFinished(f"job {job_id} is already {status.value}")
@@ -117,13 +199,46 @@ def job_queue_info(*, session: Session, job_id: uuid.UUID) -> tuple[str, int] | 
     return None if row is None else (row.queue, row.priority)
 
 
-def job_tenant_exists(*, session: Session, tenant: str, job_id: uuid.UUID) -> bool:
-    found = session.scalar(select(Job.id).where(Job.id == job_id, Job.tenant == tenant))
-    return found is not None
+_PREFIX_RE = re.compile(r"^[0-9a-f]{4,32}$")
+#: a prefix never lists more candidates than this in its error.
+MAX_CANDIDATES = 10
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+def resolve_job_id(*, session: Session, tenant: str | None, raw: str) -> uuid.UUID:
+    """A full job id, or a unique prefix of one of the tenant's jobs (at least 4 hex digits,
+    dashes optional, as git takes commit ids). ``tenant`` None: every tenant (an admin)."""
+    try:
+        full = uuid.UUID(raw)
+    except ValueError:
+        pass
+    else:
+        if not job_tenant_exists(session=session, tenant=tenant, job_id=full):
+            raise JobNotFound(f"job {raw} not found")
+        return full
+    digits = raw.strip().lower().replace("-", "")
+    if not _PREFIX_RE.match(digits):
+        raise JobNotFound(
+            f"job {raw!r} not found (not a job id, nor a prefix of at least 4 hex digits)"
+        )
+    # The prefix is a range of the primary key: an index scan, not a scan of the tenant's jobs.
+    low = uuid.UUID(digits.ljust(32, "0"))
+    high = uuid.UUID(digits.ljust(32, "f"))
+    query = select(Job.id).where(Job.id >= low, Job.id <= high)
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
+    found = list(session.scalars(query.order_by(Job.id).limit(MAX_CANDIDATES + 1)))
+    if not found:
+        raise JobNotFound(f"job {raw!r} not found")
+    if len(found) > 1:
+        raise AmbiguousJobId(raw, found[:MAX_CANDIDATES])
+    return found[0]
+
+
+def job_tenant_exists(*, session: Session, tenant: str | None, job_id: uuid.UUID) -> bool:
+    query = select(Job.id).where(Job.id == job_id)
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
+    return session.scalar(query) is not None
 
 
 _DeviceSizes = list[tuple[str, int]]
@@ -134,144 +249,228 @@ def _device_sizes(session: Session) -> _DeviceSizes:
     return [(r.gpu_type, r.memory_bytes) for r in rows]
 
 
-def waiting_reason(
-    *, session: Session, job: Job, devices: _DeviceSizes | None = None
-) -> str | None:
-    """Why a queued job is not running, when no registered device could ever run it."""
-    if job.status != JobStatus.QUEUED:
-        return None
-    spec = JobSpec.model_validate(job.spec)
-    if devices is None:
-        devices = _device_sizes(session)
-    fits = [
-        (gpu_type, memory)
-        for gpu_type, memory in devices
-        if device_fits(
-            device_type=gpu_type,
-            device_memory_gib=memory / 2**30,
-            job_type=spec.resources.gpu_type,
-            job_memory_gb=spec.resources.memory_gb,
-        )
-    ]
+def no_fit_reason(spec: dict[str, Any], devices: _DeviceSizes) -> str | None:
+    """Why no registered device could ever run a job with this stored spec, or None. Reads
+    the two fields it needs from the stored spec; never validates it again."""
+    resources = spec.get("resources") or {}
+    job_type = str(resources.get("gpu_type", "any"))
+    memory_gb = float(resources.get("memory_gb", 8))
     if not devices:
         return "no devices are registered: start a worker (gpufleet worker)"
-    if not fits:
-        have = ", ".join(sorted({f"{t}:{m / 2**30:.0f}GiB" for t, m in devices}))
-        return (
-            f"no registered device fits gpu_type={spec.resources.gpu_type} "
-            f"memory_gb={spec.resources.memory_gb:g} (devices: {have})"
+    try:
+        fits = any(
+            device_fits(
+                device_type=gpu_type,
+                device_memory_gib=memory / 2**30,
+                job_type=job_type,
+                job_memory_gb=memory_gb,
+            )
+            for gpu_type, memory in devices
         )
-    return None
+    except RoutingError:  # a spec stored under older rules: no device fits it now
+        fits = False
+    if fits:
+        return None
+    have = ", ".join(sorted({f"{t}:{m / 2**30:.0f}GiB" for t, m in devices}))
+    return (
+        f"no registered device fits gpu_type={job_type} memory_gb={memory_gb:g} (devices: {have})"
+    )
+
+
+_SELECT = """
+SELECT j.id, j.name, j.tenant, j.status, j.spec, j.spec_version, j.queue, j.priority,
+       j.created_at, j.started_at, j.finished_at, j.attempts, j.max_attempts, j.retry_at,
+       j.cancel_requested, j.progress, j.micro_batch, j.result, j.error,
+       j.gpu_peak_memory_bytes, j.gpu_util_sum, j.gpu_util_samples,
+       (SELECT coalesce(json_agg(json_build_object(
+                   'epoch', l.epoch, 'worker', l.worker, 'device', l.device_uuid,
+                   'host', d.host, 'gpu_index', d.index, 'gpu_name', d.name,
+                   'gpu_type', d.gpu_type, 'acquired_at', l.acquired_at,
+                   'expires_at', l.expires_at, 'released_at', l.released_at,
+                   'outcome', l.outcome) ORDER BY l.epoch), '[]'::json)
+          FROM leases l LEFT JOIN devices d ON d.uuid = l.device_uuid
+         WHERE l.job_id = j.id) AS leases,
+       (SELECT json_build_object('step', c.step, 'path', c.path, 'saved_at', c.saved_at)
+          FROM checkpoints c WHERE c.job_id = j.id
+         ORDER BY c.step DESC, c.id DESC LIMIT 1) AS checkpoint
+  FROM jobs j
+"""
+
+
+def _ts(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _lease(raw: dict[str, Any]) -> LeaseRecord:
+    acquired, expires = _ts(raw["acquired_at"]), _ts(raw["expires_at"])
+    assert acquired is not None and expires is not None
+    return LeaseRecord(
+        epoch=raw["epoch"],
+        worker=raw["worker"],
+        device=raw["device"],
+        host=raw["host"],
+        gpu_index=raw["gpu_index"],
+        gpu_name=raw["gpu_name"],
+        gpu_type=raw["gpu_type"],
+        acquired_at=acquired,
+        expires_at=expires,
+        released_at=_ts(raw["released_at"]),
+        outcome=raw["outcome"],
+    )
+
+
+def _record(row: Any, devices: _DeviceSizes | None) -> JobRecord:
+    status = JobStatus(row.status)
+    leases = [_lease(raw) for raw in row.leases]
+    live = next((lease for lease in leases if lease.released_at is None), None)
+    checkpoint = None
+    if row.checkpoint is not None:
+        saved_at = _ts(row.checkpoint["saved_at"])
+        assert saved_at is not None
+        checkpoint = CheckpointRecord(
+            step=row.checkpoint["step"], path=row.checkpoint["path"], saved_at=saved_at
+        )
+    batch_size = int((row.spec.get("training") or {}).get("batch_size", 1))
+    micro = row.micro_batch or batch_size
+    gpu = None
+    if row.gpu_util_samples or row.gpu_peak_memory_bytes is not None:
+        gpu = GpuRecord(
+            peak_memory_gb=None
+            if row.gpu_peak_memory_bytes is None
+            else round(row.gpu_peak_memory_bytes / 1e9, 3),
+            mean_utilization=None
+            if not row.gpu_util_samples
+            else round(row.gpu_util_sum / row.gpu_util_samples, 4),
+        )
+    waiting = None
+    if status == JobStatus.QUEUED and devices is not None:
+        waiting = no_fit_reason(row.spec, devices)
+    return JobRecord(
+        id=row.id,
+        name=row.name,
+        tenant=row.tenant,
+        status=status,
+        spec=row.spec,
+        spec_version=row.spec_version,
+        queue=row.queue,
+        priority=row.priority,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        retry_at=row.retry_at,
+        waiting_reason=waiting,
+        cancel_requested=row.cancel_requested,
+        lease=live,
+        leases=leases,
+        progress=row.progress,
+        checkpoint=checkpoint,
+        batch=BatchRecord(size=batch_size, micro_batch=micro, accumulation=-(-batch_size // micro)),
+        gpu=gpu,
+        result=row.result,
+        error=row.error,
+    )
+
+
+def _records(session: Session, rows: list[Any]) -> list[JobRecord]:
+    """One read of the device table for the whole page, and only when a job on it waits."""
+    queued = any(r.status == JobStatus.QUEUED.value for r in rows)
+    devices = _device_sizes(session) if queued else None
+    return [_record(r, devices) for r in rows]
+
+
+def get_job(*, session: Session, tenant: str | None, job_id: uuid.UUID) -> JobRecord:
+    """One job (``tenant`` None: any tenant's)."""
+    params: dict[str, Any] = {"id": job_id, "tenant": tenant}
+    rows = session.execute(
+        text(
+            _SELECT + " WHERE j.id = :id AND (CAST(:tenant AS text) IS NULL OR j.tenant = :tenant)"
+        ),
+        params,
+    ).all()
+    if not rows:
+        raise JobNotFound(f"job {job_id} not found")
+    return _records(session, list(rows))[0]
 
 
 def job_view(*, session: Session, tenant: str, job_id: uuid.UUID) -> dict[str, Any]:
-    """The job as API.md shows it."""
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
-    if job is None:
-        raise JobNotFound(f"job {job_id} not found")
-    return _view(session=session, job=job)
-
-
-def _view(*, session: Session, job: Job, devices: _DeviceSizes | None = None) -> dict[str, Any]:
-    live = session.scalar(select(Lease).where(Lease.job_id == job.id, Lease.released_at.is_(None)))
-    leases = session.scalars(select(Lease).where(Lease.job_id == job.id).order_by(Lease.epoch))
-    checkpoint = session.scalar(
-        select(Checkpoint)
-        .where(Checkpoint.job_id == job.id)
-        .order_by(Checkpoint.step.desc(), Checkpoint.id.desc())
-        .limit(1)
-    )
-    spec = job.spec
-    batch_size = int(spec["training"]["batch_size"])
-    micro = job.micro_batch or batch_size
-    return {
-        "id": str(job.id),
-        "name": job.name,
-        "tenant": job.tenant,
-        "status": job.status.value,
-        "spec": spec,
-        "queue": job.queue,
-        "priority": job.priority,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "retry_at": _iso(job.retry_at),
-        "waiting_reason": waiting_reason(session=session, job=job, devices=devices),
-        "cancel_requested": job.cancel_requested,
-        "lease": None
-        if live is None
-        else {
-            "worker": live.worker,
-            "device": live.device_uuid,
-            "epoch": live.epoch,
-            "expires_at": _iso(live.expires_at),
-        },
-        "leases": [
-            {
-                "epoch": lease.epoch,
-                "worker": lease.worker,
-                "device": lease.device_uuid,
-                "acquired_at": _iso(lease.acquired_at),
-                "released_at": _iso(lease.released_at),
-                "outcome": None if lease.outcome is None else lease.outcome.value,
-            }
-            for lease in leases
-        ],
-        "progress": job.progress,
-        "checkpoint": None
-        if checkpoint is None
-        else {
-            "step": checkpoint.step,
-            "path": checkpoint.path,
-            "saved_at": _iso(checkpoint.saved_at),
-        },
-        "batch": {
-            "size": batch_size,
-            "micro_batch": micro,
-            "accumulation": -(-batch_size // micro),
-        },
-        "gpu": None
-        if job.gpu_util_samples == 0 and job.gpu_peak_memory_bytes is None
-        else {
-            "peak_memory_gb": None
-            if job.gpu_peak_memory_bytes is None
-            else round(job.gpu_peak_memory_bytes / 1e9, 3),
-            "mean_utilization": None
-            if job.gpu_util_samples == 0
-            else round(job.gpu_util_sum / job.gpu_util_samples, 4),
-        },
-        "result": job.result,
-        "error": job.error,
-    }
+    """The job as a plain dict (tests and tools); the API's public shape is built from
+    ``get_job``'s record in ``app.api.schemas``."""
+    return asdict(get_job(session=session, tenant=tenant, job_id=job_id))
 
 
 def list_jobs(
     *,
     session: Session,
-    tenant: str,
+    tenant: str | None,
     status: JobStatus | None,
     limit: int,
     cursor: tuple[datetime, uuid.UUID] | None,
-) -> tuple[list[dict[str, Any]], tuple[datetime, uuid.UUID] | None]:
-    """Newest first; the cursor is the (created_at, id) of the last job of the previous page."""
-    query = select(Job).where(Job.tenant == tenant)
+) -> tuple[list[JobRecord], tuple[datetime, uuid.UUID] | None]:
+    """Newest first; the cursor is the (created_at, id) of the last job of the previous page.
+    ``tenant`` None: every tenant's jobs (an admin)."""
+    where = ["(CAST(:tenant AS text) IS NULL OR j.tenant = :tenant)"]
+    params: dict[str, Any] = {"tenant": tenant, "limit": limit + 1}
     if status is not None:
-        query = query.where(Job.status == status)
+        where.append("j.status = CAST(:status AS job_status)")
+        params["status"] = status.value
     if cursor is not None:
-        at, last_id = cursor
-        query = query.where(or_(Job.created_at < at, and_(Job.created_at == at, Job.id < last_id)))
-    jobs = list(
-        session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
-    )
-    more = len(jobs) > limit
-    jobs = jobs[:limit]
-    next_cursor = (jobs[-1].created_at, jobs[-1].id) if more and jobs else None
-    devices = _device_sizes(session)
-    return [_view(session=session, job=j, devices=devices) for j in jobs], next_cursor
+        where.append("(j.created_at, j.id) < (:at, :last_id)")
+        params["at"], params["last_id"] = cursor
+    sql = _SELECT + " WHERE " + " AND ".join(where)
+    sql += " ORDER BY j.created_at DESC, j.id DESC LIMIT :limit"
+    rows = list(session.execute(text(sql), params).all())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = (rows[-1].created_at, rows[-1].id) if more and rows else None
+    return _records(session, rows), next_cursor
 
 
 def job_status(*, session: Session, job_id: uuid.UUID) -> JobStatus | None:
     status: JobStatus | None = session.scalar(select(Job.status).where(Job.id == job_id))
     return status
+
+
+@dataclass(frozen=True)
+class JobCursor:
+    """Where a job's streams stand: its last event and log sequence numbers, and its status."""
+
+    event_seq: int
+    log_seq: int
+    status: JobStatus
+
+
+def job_cursors(*, session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, JobCursor]:
+    """One statement for every followed job of a replica (the stream poller)."""
+    rows = session.execute(
+        select(Job.id, Job.event_seq, Job.log_seq, Job.status).where(Job.id.in_(job_ids))
+    ).all()
+    return {
+        r.id: JobCursor(event_seq=r.event_seq, log_seq=r.log_seq, status=JobStatus(r.status))
+        for r in rows
+    }
+
+
+def tenant_counts(*, session: Session, tenant: str) -> tuple[dict[str, int], dict[str, int]]:
+    """One tenant's jobs by status, and its queued jobs per queue."""
+    rows = session.execute(
+        text(
+            "SELECT status, queue, count(*) AS n FROM jobs WHERE tenant = :t GROUP BY status, queue"
+        ),
+        {"t": tenant},
+    ).all()
+    by_status = {status.value: 0 for status in JobStatus}
+    queues: dict[str, int] = {}
+    for r in rows:
+        by_status[r.status] += r.n
+        if r.status == JobStatus.QUEUED.value:
+            queues[r.queue] = queues.get(r.queue, 0) + r.n
+    return by_status, queues
+
+
+def tenant_job_ids(*, session: Session, tenant: str, job_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of ``job_ids`` are the tenant's."""
+    if not job_ids:
+        return set()
+    return set(session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.tenant == tenant)))
