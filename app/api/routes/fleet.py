@@ -17,7 +17,12 @@ from app.db.jobs import tenant_counts, tenant_job_ids
 router = APIRouter(prefix="/v1", tags=["fleet"])
 
 
-@router.get("/devices", response_model=DeviceList, responses=responses(401, 403, 503))
+@router.get(
+    "/devices",
+    operation_id="listDevices",
+    response_model=DeviceList,
+    responses=responses(401, 403, 503),
+)
 def get_devices(session: SessionDep, caller: CallerDep) -> DeviceList:
     """Every registered device, its worker, latest sample, and its current job when that job
     is yours (an admin: every job)."""
@@ -33,7 +38,9 @@ def get_devices(session: SessionDep, caller: CallerDep) -> DeviceList:
     return DeviceList(devices=[DeviceOut(**d) for d in devices])
 
 
-@router.get("/fleet", response_model=Fleet, responses=responses(401, 403, 503))
+@router.get(
+    "/fleet", operation_id="fleet", response_model=Fleet, responses=responses(401, 403, 503)
+)
 def get_fleet(session: SessionDep, caller: CallerDep) -> Fleet:
     """Totals: devices by type and host, busy/idle, utilization; jobs by status and queued
     jobs per queue — every tenant's for an admin, your own otherwise."""

@@ -5,12 +5,10 @@ Handlers that write commit before they answer. Job ids may be given as unique pr
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Annotated, Any, TypeVar
 
@@ -41,6 +39,8 @@ from app.domain.routing import RoutingError, device_fits
 from app.domain.spec import JobSpec, SpecPolicyError, check_policy
 from app.domain.states import JobStatus
 from app.settings import Settings
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -91,12 +91,29 @@ def _job(session: Session, scope: str | None, job_id: uuid.UUID) -> JobOut:
         raise ApiError(404, "not_found", str(exc)) from None
 
 
+_JOB_LINKS = {
+    name: {"operationId": op, "parameters": {"job_id": "$response.body#/id"}}
+    for name, op in (
+        ("GetJob", "getJob"),
+        ("CancelJob", "cancelJob"),
+        ("JobEvents", "jobEvents"),
+        ("JobLogs", "jobLogs"),
+    )
+}
+
+
 @router.post(
     "",
+    operation_id="submitJob",
     status_code=201,
     response_model=JobOut,
     responses={
-        200: {"model": JobOut, "description": "The job an earlier request with this key made."},
+        201: {"description": "The job, stored and queued.", "links": _JOB_LINKS},
+        200: {
+            "model": JobOut,
+            "description": "The job an earlier request with this key made.",
+            "links": _JOB_LINKS,
+        },
         **responses(401, 403, 409, 413, 422, 503),
     },
 )
@@ -134,7 +151,12 @@ def submit(
     return _job(session, caller.tenant, submitted.job_id)
 
 
-@router.post("/validate", response_model=Validation, responses=responses(401, 403, 413, 422, 503))
+@router.post(
+    "/validate",
+    operation_id="validateJob",
+    response_model=Validation,
+    responses=responses(401, 403, 413, 422, 503),
+)
 def validate(spec: JobSpec, session: SessionDep, settings: SettingsDep, _: CallerDep) -> Validation:
     """Whether the spec is valid here and which registered devices could run it."""
     queue = _checked(spec, settings)
@@ -157,50 +179,59 @@ def validate(spec: JobSpec, session: SessionDep, settings: SettingsDep, _: Calle
     return Validation(valid=True, queue=queue, fits=fits, waiting_reason=reason)
 
 
+#: a job list cursor: the last job's created_at (microseconds since the epoch) and id.
+JOB_CURSOR_PATTERN = r"^[0-9]{1,16}_[0-9a-f]{32}$"
+#: an event or log cursor: the last sequence number seen.
+SEQ_CURSOR_PATTERN = r"^[0-9]{1,18}$"
+
+
 def _encode_cursor(cursor: tuple[datetime, uuid.UUID] | None) -> str | None:
     if cursor is None:
         return None
-    raw = json.dumps([cursor[0].isoformat(), str(cursor[1])]).encode()
-    return base64.urlsafe_b64encode(raw).decode()
+    at, job_id = cursor
+    micros = (at - EPOCH) // timedelta(microseconds=1)
+    return f"{micros}_{job_id.hex}"
 
 
 def _decode_cursor(raw: str | None) -> tuple[datetime, uuid.UUID] | None:
     if raw is None:
         return None
-    try:
-        at, job_id = json.loads(base64.urlsafe_b64decode(raw.encode()))
-        parsed = datetime.fromisoformat(at)
-        if parsed.tzinfo is None:
-            raise ValueError("naive")
-        return parsed, uuid.UUID(job_id)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise ApiError(
-            422, "invalid_request", "cursor: not a cursor from a previous page's next_cursor"
-        ) from None
+    micros, _, hexid = raw.partition("_")
+    return EPOCH + timedelta(microseconds=int(micros)), uuid.UUID(hexid)
 
 
 def _seq_cursor(raw: str | None) -> int:
     if raw is None:
         return 0
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+    if not re.fullmatch(SEQ_CURSOR_PATTERN, raw):
         raise ApiError(
             422, "invalid_request", "cursor: not a cursor from a previous page's next_cursor"
         )
     return int(raw)
 
 
+JobCursorQuery = Annotated[
+    str | None,
+    Query(pattern=JOB_CURSOR_PATTERN, description="next_cursor of the previous page."),
+]
 CursorQuery = Annotated[
-    str | None, Query(max_length=200, description="next_cursor of the previous page.")
+    str | None,
+    Query(
+        pattern=SEQ_CURSOR_PATTERN,
+        description="next_cursor of the previous page: the last seq seen (0: from the start).",
+    ),
 ]
 
 
-@router.get("", response_model=JobPage, responses=responses(401, 403, 422, 503))
+@router.get(
+    "", operation_id="listJobs", response_model=JobPage, responses=responses(401, 403, 422, 503)
+)
 def list_jobs(
     session: SessionDep,
     caller: CallerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: CursorQuery = None,
+    cursor: JobCursorQuery = None,
     tenant: Annotated[
         str | None, Query(max_length=200, description="Admins: only this tenant's jobs.")
     ] = None,
@@ -218,7 +249,12 @@ def list_jobs(
     return JobPage(jobs=[JobOut.of(r) for r in records], next_cursor=_encode_cursor(next_cursor))
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=responses(400, 401, 403, 404, 503))
+@router.get(
+    "/{job_id}",
+    operation_id="getJob",
+    response_model=JobOut,
+    responses=responses(400, 401, 403, 404, 422, 503),
+)
 def get_job(job_id: JobIdPath, session: SessionDep, caller: CallerDep) -> JobOut:
     """One job, with every try and the GPU and host it ran on."""
     try:
@@ -230,9 +266,10 @@ def get_job(job_id: JobIdPath, session: SessionDep, caller: CallerDep) -> JobOut
 
 @router.post(
     "/{job_id}/cancel",
+    operation_id="cancelJob",
     status_code=202,
     response_model=JobOut,
-    responses=responses(400, 401, 403, 404, 409, 503),
+    responses=responses(400, 401, 403, 404, 409, 422, 503),
 )
 def cancel(
     job_id: JobIdPath, session: SessionDep, caller: CallerDep, dispatcher: DispatcherDep
@@ -282,6 +319,7 @@ _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @router.get(
     "/{job_id}/events",
+    operation_id="jobEvents",
     response_model=EventPage,
     responses={
         200: {
@@ -321,6 +359,7 @@ async def events(
 
 @router.get(
     "/{job_id}/logs",
+    operation_id="jobLogs",
     response_model=LogPage,
     responses={
         200: {

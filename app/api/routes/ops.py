@@ -15,7 +15,7 @@ from app.db.session import session_scope
 router = APIRouter(tags=["ops"])
 
 
-@router.get("/healthz", response_model=Health)
+@router.get("/healthz", operation_id="healthz", response_model=Health)
 def healthz() -> Health:
     """The process is alive (no token needed)."""
     return Health(status="ok")
@@ -23,6 +23,7 @@ def healthz() -> Health:
 
 @router.get(
     "/readyz",
+    operation_id="readyz",
     response_model=Ready,
     responses={503: {"model": ErrorBody, "description": "The database or the broker is down."}},
 )
@@ -50,6 +51,7 @@ def readyz(settings: SettingsDep, dispatcher: DispatcherDep) -> Ready | JSONResp
 
 @router.get(
     "/metrics",
+    operation_id="metrics",
     response_class=Response,
     responses={
         200: {
