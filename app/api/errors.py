@@ -130,6 +130,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # A body that is not UTF-8 JSON: an invalid request like any other (422).
+            return JSONResponse(
+                error_body("invalid_request", "the body is not valid UTF-8 JSON"), status_code=422
+            )
         code = {
             404: "not_found",
             405: "method_not_allowed",

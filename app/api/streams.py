@@ -126,8 +126,6 @@ async def _stream(
     end: Callable[[JobStatus | None, int], str],
     keepalive: str,
     page_size: int = PAGE,
-    keepalive_s: float = KEEPALIVE_S,
-    max_s: float = MAX_S,
 ) -> AsyncIterator[str]:
     def page(cursor: int) -> _Page:
         with session_scope(hub.database_url) as session:
@@ -137,7 +135,7 @@ async def _stream(
             return _Page(status=status, rows=fetch(session, cursor))
 
     watch = hub.watch(job_id)
-    deadline = time.monotonic() + max_s
+    deadline = time.monotonic() + MAX_S
     try:
         while True:
             watch.changed.clear()
@@ -154,7 +152,7 @@ async def _stream(
                 yield _sse("reconnect", json.dumps({"cursor": str(after)}))
                 return
             try:
-                await asyncio.wait_for(watch.changed.wait(), timeout=keepalive_s)
+                await asyncio.wait_for(watch.changed.wait(), timeout=KEEPALIVE_S)
             except TimeoutError:
                 yield keepalive
             if await request.is_disconnected():
