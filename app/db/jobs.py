@@ -244,7 +244,7 @@ def job_tenant_exists(*, session: Session, tenant: str | None, job_id: uuid.UUID
 _DeviceSizes = list[tuple[str, int]]
 
 
-def _device_sizes(session: Session) -> _DeviceSizes:
+def device_sizes(session: Session) -> _DeviceSizes:
     rows = session.execute(select(Device.gpu_type, Device.memory_bytes)).all()
     return [(r.gpu_type, r.memory_bytes) for r in rows]
 
@@ -376,7 +376,7 @@ def _record(row: Any, devices: _DeviceSizes | None) -> JobRecord:
 def _records(session: Session, rows: list[Any]) -> list[JobRecord]:
     """One read of the device table for the whole page, and only when a job on it waits."""
     queued = any(r.status == JobStatus.QUEUED.value for r in rows)
-    devices = _device_sizes(session) if queued else None
+    devices = device_sizes(session) if queued else None
     return [_record(r, devices) for r in rows]
 
 
