@@ -1,5 +1,8 @@
 """Typed dependencies: settings, a database session, the caller, the dispatcher.
 
+Dependencies that do no I/O are ``async``: FastAPI runs a sync dependency on a worker thread,
+and those hops cost more than the work.
+
 Tokens are compared as SHA-256 digests against every known digest, without stopping at the
 first match, so a wrong token and a right one take the same time.
 """
@@ -79,7 +82,7 @@ class Auth:
         return found
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -97,7 +100,7 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_dispatcher(request: Request) -> Dispatcher:
+async def get_dispatcher(request: Request) -> Dispatcher:
     dispatcher: Dispatcher = request.app.state.dispatcher
     return dispatcher
 
@@ -105,7 +108,7 @@ def get_dispatcher(request: Request) -> Dispatcher:
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 
 
-def any_caller(
+async def any_caller(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None,
 ) -> Caller:
@@ -121,7 +124,7 @@ def any_caller(
     return auth.caller(None if credentials is None else credentials.credentials)
 
 
-def get_caller(caller: Annotated[Caller, Depends(any_caller)]) -> Caller:
+async def get_caller(caller: Annotated[Caller, Depends(any_caller)]) -> Caller:
     """A tenant or an admin."""
     if caller.metrics_only:
         raise ApiError(403, "forbidden", "the metrics token reads /metrics only")
@@ -131,7 +134,7 @@ def get_caller(caller: Annotated[Caller, Depends(any_caller)]) -> Caller:
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-def get_admin(caller: CallerDep) -> Caller:
+async def get_admin(caller: CallerDep) -> Caller:
     if not caller.admin:
         raise ApiError(403, "forbidden", "this view needs an admin token (GPUFLEET_ADMIN_TOKENS)")
     return caller
@@ -140,7 +143,7 @@ def get_admin(caller: CallerDep) -> Caller:
 AdminDep = Annotated[Caller, Depends(get_admin)]
 
 
-def metrics_caller(caller: Annotated[Caller, Depends(any_caller)]) -> Caller:
+async def metrics_caller(caller: Annotated[Caller, Depends(any_caller)]) -> Caller:
     if not (caller.admin or caller.metrics_only):
         raise ApiError(403, "forbidden", "/metrics needs the metrics token or an admin token")
     return caller

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import bindparam, select, text, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from app.db.events import add_event
@@ -52,6 +53,7 @@ class AmbiguousJobId(Exception):
 class Submitted:
     job_id: uuid.UUID
     created: bool  #: False when an Idempotency-Key returned an earlier job
+    record: JobRecord | None = None  #: the new job (None for an earlier one)
 
 
 @dataclass(frozen=True)
@@ -122,30 +124,51 @@ def spec_hash(spec: JobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+_INSERT = text(
+    """
+    WITH j AS (
+        INSERT INTO jobs (id, tenant, name, status, spec, spec_version, queue, priority,
+                          idempotency_key, spec_hash, max_attempts, dispatched_at, event_seq)
+        VALUES (:id, :tenant, :name, 'queued', :spec, :spec_version, :queue, :priority,
+                :idempotency_key, :spec_hash, :max_attempts, now(), 1)
+        ON CONFLICT (tenant, idempotency_key) DO NOTHING
+        RETURNING *),
+    e AS (
+        INSERT INTO job_events (job_id, seq, kind, data)
+        SELECT id, 1, 'submitted', :event_data FROM j)
+    SELECT j.*, '[]'::json AS leases, NULL::json AS checkpoint FROM j
+    """
+).bindparams(bindparam("spec", type_=JSONB), bindparam("event_data", type_=JSONB))
+
+
 def submit_job(
-    *, session: Session, tenant: str, spec: JobSpec, idempotency_key: str | None = None
+    *,
+    session: Session,
+    tenant: str,
+    spec: JobSpec,
+    idempotency_key: str | None = None,
+    device_max_age: float = 0,
 ) -> Submitted:
-    """Insert a queued job and its event; with a key, return the earlier job instead."""
+    """Insert a queued job and its ``submitted`` event (seq 1) in one statement; with a key
+    already used, return the earlier job instead. A new job's record comes back with it."""
     digest = spec_hash(spec)
-    values = {
-        "id": uuid.uuid4(),
-        "tenant": tenant,
-        "name": spec.name,
-        "status": JobStatus.QUEUED,
-        "spec": spec.model_dump(mode="json"),
-        "spec_version": SPEC_VERSION,
-        "queue": spec.queue,
-        "priority": spec.priority,
-        "idempotency_key": idempotency_key,
-        "spec_hash": digest,
-        "max_attempts": spec.max_attempts,
-        "dispatched_at": text("now()"),
-    }
-    insert = pg_insert(Job).values(**values)
-    if idempotency_key is not None:
-        insert = insert.on_conflict_do_nothing(index_elements=["tenant", "idempotency_key"])
-    new_id = session.scalar(insert.returning(Job.id))
-    if new_id is None:
+    row = session.execute(
+        _INSERT,
+        {
+            "id": uuid.uuid4(),
+            "tenant": tenant,
+            "name": spec.name,
+            "spec": spec.model_dump(mode="json"),
+            "spec_version": SPEC_VERSION,
+            "queue": spec.queue,
+            "priority": spec.priority,
+            "idempotency_key": idempotency_key,
+            "spec_hash": digest,
+            "max_attempts": spec.max_attempts,
+            "event_data": {"queue": spec.queue},
+        },
+    ).one_or_none()
+    if row is None:
         earlier = session.execute(
             select(Job.id, Job.spec_hash).where(
                 Job.tenant == tenant, Job.idempotency_key == idempotency_key
@@ -157,8 +180,8 @@ def submit_job(
                 "with a different body"
             )
         return Submitted(job_id=earlier.id, created=False)
-    add_event(session=session, job_id=new_id, kind=EventKind.SUBMITTED, data={"queue": spec.queue})
-    return Submitted(job_id=new_id, created=True)
+    record = _records(session, [row], device_max_age)[0]
+    return Submitted(job_id=row.id, created=True, record=record)
 
 
 def cancel_job(*, session: Session, tenant: str | None, job_id: uuid.UUID) -> JobStatus:
@@ -373,14 +396,33 @@ def _record(row: Any, devices: _DeviceSizes | None) -> JobRecord:
     )
 
 
-def _records(session: Session, rows: list[Any]) -> list[JobRecord]:
+#: the device table as last read, per database URL: (monotonic time, sizes).
+_device_cache: dict[str, tuple[float, _DeviceSizes]] = {}
+
+
+def cached_device_sizes(session: Session, max_age: float) -> _DeviceSizes:
+    """The device table, read at most once per ``max_age`` seconds per process (0: now).
+    Devices register and leave rarely; ``waiting_reason`` may lag them by ``max_age``."""
+    if max_age <= 0:
+        return device_sizes(session)
+    key = str(session.get_bind().engine.url)
+    now = time.monotonic()
+    cached = _device_cache.get(key)
+    if cached is None or now - cached[0] > max_age:
+        cached = _device_cache[key] = (now, device_sizes(session))
+    return cached[1]
+
+
+def _records(session: Session, rows: list[Any], device_max_age: float) -> list[JobRecord]:
     """One read of the device table for the whole page, and only when a job on it waits."""
     queued = any(r.status == JobStatus.QUEUED.value for r in rows)
-    devices = device_sizes(session) if queued else None
+    devices = cached_device_sizes(session, device_max_age) if queued else None
     return [_record(r, devices) for r in rows]
 
 
-def get_job(*, session: Session, tenant: str | None, job_id: uuid.UUID) -> JobRecord:
+def get_job(
+    *, session: Session, tenant: str | None, job_id: uuid.UUID, device_max_age: float = 0
+) -> JobRecord:
     """One job (``tenant`` None: any tenant's)."""
     params: dict[str, Any] = {"id": job_id, "tenant": tenant}
     rows = session.execute(
@@ -391,7 +433,7 @@ def get_job(*, session: Session, tenant: str | None, job_id: uuid.UUID) -> JobRe
     ).all()
     if not rows:
         raise JobNotFound(f"job {job_id} not found")
-    return _records(session, list(rows))[0]
+    return _records(session, list(rows), device_max_age)[0]
 
 
 def job_view(*, session: Session, tenant: str, job_id: uuid.UUID) -> dict[str, Any]:
@@ -407,6 +449,7 @@ def list_jobs(
     status: JobStatus | None,
     limit: int,
     cursor: tuple[datetime, uuid.UUID] | None,
+    device_max_age: float = 0,
 ) -> tuple[list[JobRecord], tuple[datetime, uuid.UUID] | None]:
     """Newest first; the cursor is the (created_at, id) of the last job of the previous page.
     ``tenant`` None: every tenant's jobs (an admin)."""
@@ -424,7 +467,7 @@ def list_jobs(
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = (rows[-1].created_at, rows[-1].id) if more and rows else None
-    return _records(session, rows), next_cursor
+    return _records(session, rows, device_max_age), next_cursor
 
 
 def job_status(*, session: Session, job_id: uuid.UUID) -> JobStatus | None:

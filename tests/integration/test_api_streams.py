@@ -182,18 +182,26 @@ def test_a_follower_gets_keep_alives_and_holds_no_database_connection(
     app = create_app(api_settings)
     with serve(app) as base, httpx.Client(base_url=base, timeout=10) as http:
         lines: list[list[str]] = [[] for _ in job_ids]
+        started = threading.Semaphore(0)
 
         def follow(k: int, job_id: uuid.UUID) -> None:
             for line in stream_lines(http, f"/v1/jobs/{job_id}/events", headers=SSE):
                 lines[k].append(line)
+                if line.startswith("id: "):
+                    started.release()
                 if line == ": keep-alive":
                     return
 
         threads = [threading.Thread(target=follow, args=kv) for kv in enumerate(job_ids)]
         for t in threads:
             t.start()
-        time.sleep(0.2)
-        checked_out = engine_for(url).pool.checkedout()  # type: ignore[attr-defined]
+        for _ in threads:
+            assert started.acquire(timeout=20)  # every follower has its first event
+        pool = engine_for(url).pool
+        checked_out = min(
+            (pool.checkedout(), time.sleep(0.02))[0]  # type: ignore[attr-defined]
+            for _ in range(15)
+        )
         for t in threads:
             t.join(timeout=10)
     # 30 followers waiting: no connection held by any of them (the poller's is brief)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 import anyio.to_thread
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from app.api.deps import CallerDep, DispatcherDep, SessionDep, SettingsDep
@@ -34,10 +35,11 @@ from app.db import jobs as job_rows
 from app.db.devices import list_devices
 from app.db.events import list_events
 from app.db.logs import LogChunk, read_log_page, read_logs
-from app.db.session import session_scope
+from app.db.session import open_session, session_scope
 from app.domain.routing import RoutingError, device_fits
 from app.domain.spec import JobSpec, SpecPolicyError, check_policy
 from app.domain.states import JobStatus
+from app.queue import Dispatcher
 from app.settings import Settings
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -84,11 +86,24 @@ def _resolve(session: Session, scope: str | None, raw: str) -> uuid.UUID:
         ) from None
 
 
-def _job(session: Session, scope: str | None, job_id: uuid.UUID) -> JobOut:
+#: seconds a replica reuses its read of the device table for ``waiting_reason``.
+DEVICE_MAX_AGE_S = 1.0
+
+
+def _json(model: BaseModel, status: int = 200) -> Response:
+    """The model's JSON, serialized once (FastAPI would validate a returned model again; the
+    declared response_model still documents it)."""
+    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
+
+
+def _job(session: Session, scope: str | None, job_id: uuid.UUID, status: int = 200) -> Response:
     try:
-        return JobOut.of(job_rows.get_job(session=session, tenant=scope, job_id=job_id))
+        record = job_rows.get_job(
+            session=session, tenant=scope, job_id=job_id, device_max_age=DEVICE_MAX_AGE_S
+        )
     except job_rows.JobNotFound as exc:
         raise ApiError(404, "not_found", str(exc)) from None
+    return _json(JobOut.of(record), status)
 
 
 _JOB_LINKS = {
@@ -119,8 +134,6 @@ _JOB_LINKS = {
 )
 def submit(
     spec: JobSpec,
-    response: Response,
-    session: SessionDep,
     settings: SettingsDep,
     caller: CallerDep,
     dispatcher: DispatcherDep,
@@ -132,23 +145,37 @@ def submit(
             description="The same key and body again return the first job (200).",
         ),
     ] = None,
-) -> JobOut:
+) -> Response:
     """Submit a training job. It is validated once, here, and stored with its rules' version."""
     if caller.tenant is None:
         raise ApiError(403, "forbidden", "admin tokens do not submit jobs: use a tenant token")
     _checked(spec, settings)
+    with open_session(settings.database_url) as session:
+        return _submit(session, spec, caller.tenant, idempotency_key, dispatcher)
+
+
+def _submit(
+    session: Session,
+    spec: JobSpec,
+    tenant: str,
+    idempotency_key: str | None,
+    dispatcher: Dispatcher,
+) -> Response:
     try:
         submitted = job_rows.submit_job(
-            session=session, tenant=caller.tenant, spec=spec, idempotency_key=idempotency_key
+            session=session,
+            tenant=tenant,
+            spec=spec,
+            idempotency_key=idempotency_key,
+            device_max_age=DEVICE_MAX_AGE_S,
         )
     except job_rows.IdempotencyConflict as exc:
         raise ApiError(409, "idempotency_conflict", str(exc)) from None
     session.commit()  # dispatch only what is committed: the reaper is the outbox
-    if submitted.created:
-        dispatcher.dispatch(job_id=submitted.job_id, queue=spec.queue, priority=spec.priority)
-    else:
-        response.status_code = 200
-    return _job(session, caller.tenant, submitted.job_id)
+    if submitted.record is None:  # an earlier job, from its Idempotency-Key
+        return _job(session, tenant, submitted.job_id, 200)
+    dispatcher.dispatch(job_id=submitted.job_id, queue=spec.queue, priority=spec.priority)
+    return _json(JobOut.of(submitted.record), 201)
 
 
 @router.post(
@@ -227,7 +254,7 @@ CursorQuery = Annotated[
     "", operation_id="listJobs", response_model=JobPage, responses=responses(401, 403, 422, 503)
 )
 def list_jobs(
-    session: SessionDep,
+    settings: SettingsDep,
     caller: CallerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -235,7 +262,7 @@ def list_jobs(
     tenant: Annotated[
         str | None, Query(max_length=200, description="Admins: only this tenant's jobs.")
     ] = None,
-) -> JobPage:
+) -> Response:
     """Your jobs (an admin: every tenant's), newest first; pass ``next_cursor`` back for the
     next page. A page costs the same few queries whatever its size."""
     scope = caller.scope
@@ -243,10 +270,17 @@ def list_jobs(
         if not caller.admin:
             raise ApiError(403, "forbidden", "only admin tokens choose a tenant")
         scope = tenant
-    records, next_cursor = job_rows.list_jobs(
-        session=session, tenant=scope, status=status, limit=limit, cursor=_decode_cursor(cursor)
-    )
-    return JobPage(jobs=[JobOut.of(r) for r in records], next_cursor=_encode_cursor(next_cursor))
+    with open_session(settings.database_url) as session:
+        records, next_cursor = job_rows.list_jobs(
+            session=session,
+            tenant=scope,
+            status=status,
+            limit=limit,
+            cursor=_decode_cursor(cursor),
+            device_max_age=DEVICE_MAX_AGE_S,
+        )
+    page = JobPage(jobs=[JobOut.of(r) for r in records], next_cursor=_encode_cursor(next_cursor))
+    return _json(page)
 
 
 @router.get(
@@ -255,13 +289,14 @@ def list_jobs(
     response_model=JobOut,
     responses=responses(400, 401, 403, 404, 422, 503),
 )
-def get_job(job_id: JobIdPath, session: SessionDep, caller: CallerDep) -> JobOut:
+def get_job(job_id: JobIdPath, settings: SettingsDep, caller: CallerDep) -> Response:
     """One job, with every try and the GPU and host it ran on."""
-    try:
-        parsed = uuid.UUID(job_id)  # a full id: one statement, scoped to the tenant
-    except ValueError:
-        parsed = _resolve(session, caller.scope, job_id)
-    return _job(session, caller.scope, parsed)
+    with open_session(settings.database_url) as session:
+        try:
+            parsed = uuid.UUID(job_id)  # a full id: one statement, scoped to the tenant
+        except ValueError:
+            parsed = _resolve(session, caller.scope, job_id)
+        return _job(session, caller.scope, parsed)
 
 
 @router.post(
@@ -273,7 +308,7 @@ def get_job(job_id: JobIdPath, session: SessionDep, caller: CallerDep) -> JobOut
 )
 def cancel(
     job_id: JobIdPath, session: SessionDep, caller: CallerDep, dispatcher: DispatcherDep
-) -> JobOut:
+) -> Response:
     """A queued job is cancelled at once; a running one stops at its next step. The cancel is
     committed before the answer, then its worker is woken through Redis."""
     parsed = _resolve(session, caller.scope, job_id)
@@ -286,7 +321,7 @@ def cancel(
     session.commit()
     if status == JobStatus.RUNNING:
         dispatcher.publish_cancel(parsed)
-    return _job(session, caller.scope, parsed)
+    return _job(session, caller.scope, parsed, 202)
 
 
 async def _in_thread(settings: Settings, work: Callable[[Session], T]) -> T:
