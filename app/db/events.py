@@ -1,9 +1,11 @@
 """Job events: every state change, lease, checkpoint, backoff and retry leaves a row.
 
-Each event gets the job's next ``seq`` in the inserting transaction: ``UPDATE jobs SET
-event_seq = event_seq + 1 ... RETURNING`` takes the job's row lock, held until commit, so two
-writers of one job number their events one after the other and commit in that order. A reader
-that has seen ``seq`` N has seen every event before it: a stream cursor never skips a row.
+Each event gets the job's next ``seq`` in the inserting transaction: a ``BEFORE INSERT``
+trigger (migration 0003) runs ``UPDATE jobs SET event_seq = event_seq + 1 ... RETURNING``,
+which takes the job's row lock until commit, so two writers of one job number their events one
+after the other and commit in that order. A reader that has seen ``seq`` N has seen every event
+before it: a stream cursor never skips a row. Being a trigger, it numbers every insert, whoever
+writes it (the supervisor's fenced events and log chunks too).
 """
 
 from __future__ import annotations
@@ -13,22 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from app.db.models import JobEvent
 from app.domain.states import EventKind
-
-_INSERT = text(
-    """
-    WITH s AS (UPDATE jobs SET event_seq = event_seq + 1 WHERE id = :job_id RETURNING event_seq)
-    INSERT INTO job_events (job_id, seq, kind, message, epoch, data)
-    SELECT CAST(:job_id AS uuid), s.event_seq, CAST(:kind AS varchar), CAST(:message AS text),
-           CAST(:epoch AS bigint), :data
-      FROM s
-    """
-).bindparams(bindparam("data", type_=JSONB(none_as_null=True)))
 
 
 def add_event(
@@ -41,8 +32,9 @@ def add_event(
     data: dict[str, Any] | None = None,
 ) -> None:
     session.execute(
-        _INSERT,
-        {"job_id": job_id, "kind": kind.value, "message": message, "epoch": epoch, "data": data},
+        insert(JobEvent).values(
+            job_id=job_id, kind=kind.value, message=message, epoch=epoch, data=data
+        )
     )
 
 

@@ -1,7 +1,7 @@
 """The trainer's output, stored in chunks per attempt so any API replica can serve it.
 
-Chunks carry a per-job, gap-free ``seq`` given under the job's row lock in the inserting
-transaction (like events, see ``app.db.events``): the cursor of the log stream.
+Chunks carry a per-job, gap-free ``seq``, given by a database trigger under the job's row lock
+in the inserting transaction (like events, see ``app.db.events``): the log stream's cursor.
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ def append_log(*, session: Session, job_id: uuid.UUID, epoch: int, chunk: str) -
     stored = session.scalar(
         text(
             f"""
-            WITH s AS (UPDATE jobs j SET log_seq = j.log_seq + 1 WHERE {FENCE}
-                       RETURNING j.id, j.log_seq)
-            INSERT INTO job_logs (job_id, epoch, seq, chunk)
-            SELECT s.id, :epoch, s.log_seq, :chunk FROM s
+            INSERT INTO job_logs (job_id, epoch, chunk)
+            SELECT j.id, :epoch, :chunk FROM jobs j WHERE {FENCE}
             RETURNING id
             """
         ),

@@ -6,9 +6,10 @@ Create Date: 2026-11-26 14:40:00.000000
 
 A stream's cursor was the BIGSERIAL id, assigned at insert, not at commit: with several writers
 on one job, a row with a smaller id could commit after a reader had moved past it, and was then
-skipped for ever. ``seq`` is given under the job's row lock (``UPDATE jobs SET event_seq =
-event_seq + 1 ... RETURNING``) in the inserting transaction, so it is gap-free and commits in
-order. Existing rows are numbered in id order.
+skipped for ever. ``seq`` is given by a BEFORE INSERT trigger under the job's row lock
+(``UPDATE jobs SET event_seq = event_seq + 1 ... RETURNING``) in the inserting transaction, so it
+is gap-free and commits in order, whoever inserts the row (an insert that gives ``seq`` itself
+keeps it: a new job's first event). Existing rows are numbered in id order.
 """
 
 from collections.abc import Sequence
@@ -49,10 +50,28 @@ def upgrade() -> None:
         )
         op.alter_column(table, "seq", nullable=False)
         op.create_unique_constraint(op.f(f"uq_{table}_job_id_seq"), table, ["job_id", "seq"])
+        op.execute(
+            f"""
+            CREATE FUNCTION {table}_seq() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.seq IS NULL THEN
+                    UPDATE jobs SET {counter} = {counter} + 1 WHERE id = NEW.job_id
+                    RETURNING {counter} INTO NEW.seq;
+                END IF;
+                RETURN NEW;
+            END $$
+            """
+        )
+        op.execute(
+            f"CREATE TRIGGER {table}_seq BEFORE INSERT ON {table} "
+            f"FOR EACH ROW EXECUTE FUNCTION {table}_seq()"
+        )
 
 
 def downgrade() -> None:
     for table in ("job_logs", "job_events"):
+        op.execute(f"DROP TRIGGER {table}_seq ON {table}")
+        op.execute(f"DROP FUNCTION {table}_seq()")
         op.drop_constraint(op.f(f"uq_{table}_job_id_seq"), table, type_="unique")
         op.drop_column(table, "seq")
     op.drop_column("jobs", "log_seq")
