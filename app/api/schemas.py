@@ -62,7 +62,7 @@ class LeaseOut(_Out):
 
     @classmethod
     def of(cls, lease: LeaseRecord) -> LeaseOut:
-        return cls(**lease.__dict__)
+        return cls.model_construct(**lease.__dict__)
 
 
 class CheckpointOut(_Out):
@@ -112,14 +112,19 @@ class JobOut(_Out):
 
     @classmethod
     def of(cls, job: JobRecord) -> JobOut:
-        return cls(
+        """Built without validation: the record's types are these fields' types (the
+        schemathesis test checks every response against the document)."""
+        checkpoint = job.checkpoint
+        return cls.model_construct(
             **{
                 **job.__dict__,
                 "lease": None if job.lease is None else LeaseOut.of(job.lease),
                 "leases": [LeaseOut.of(lease) for lease in job.leases],
-                "checkpoint": None if job.checkpoint is None else job.checkpoint.__dict__,
-                "batch": job.batch.__dict__,
-                "gpu": None if job.gpu is None else job.gpu.__dict__,
+                "checkpoint": None
+                if checkpoint is None
+                else CheckpointOut.model_construct(**checkpoint.__dict__),
+                "batch": BatchOut.model_construct(**job.batch.__dict__),
+                "gpu": None if job.gpu is None else GpuOut.model_construct(**job.gpu.__dict__),
             }
         )
 

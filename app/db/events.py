@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
 from app.db.models import JobEvent
@@ -69,3 +69,35 @@ def list_events(
         EventRow(seq=r.seq, at=r.at, kind=r.kind, epoch=r.epoch, message=r.message, data=r.data)
         for r in rows
     ]
+
+
+def events_in(
+    *, session: Session, ranges: dict[uuid.UUID, tuple[int, int]]
+) -> dict[uuid.UUID, list[EventRow]]:
+    """For each job, its events with ``after < seq <= upto``, in order: one statement for
+    every job a stream poller follows."""
+    if not ranges:
+        return {}
+    ids = list(ranges)
+    rows = session.execute(
+        text(
+            """
+            SELECT e.job_id, e.seq, e.at, e.kind, e.epoch, e.message, e.data
+              FROM unnest(CAST(:ids AS uuid[]), CAST(:afters AS bigint[]),
+                          CAST(:uptos AS bigint[])) AS r(job_id, after, upto)
+              JOIN job_events e ON e.job_id = r.job_id AND e.seq > r.after AND e.seq <= r.upto
+             ORDER BY e.job_id, e.seq
+            """
+        ),
+        {
+            "ids": ids,
+            "afters": [ranges[j][0] for j in ids],
+            "uptos": [ranges[j][1] for j in ids],
+        },
+    ).all()
+    found: dict[uuid.UUID, list[EventRow]] = {}
+    for r in rows:
+        found.setdefault(r.job_id, []).append(
+            EventRow(seq=r.seq, at=r.at, kind=r.kind, epoch=r.epoch, message=r.message, data=r.data)
+        )
+    return found
