@@ -234,7 +234,10 @@ async def load(
             nonlocal errors
             while time.monotonic() < deadline:
                 start = time.perf_counter()
-                status = await request(http)
+                try:
+                    status = await request(http)
+                except httpx.TransportError:  # counted and shown, not a crash of the bench
+                    status = 599
                 latencies.append(time.perf_counter() - start)
                 if status >= 400:
                     errors += 1
