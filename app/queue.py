@@ -20,12 +20,15 @@ log = logging.getLogger(__name__)
 
 RUN_JOB_TASK = "gpufleet.run_job"
 
+#: Redis pub/sub channel prefix of cancel wake-ups: after a cancel of a running job commits,
+#: the API publishes the job id on ``gpufleet:cancel:<job id>``. The job's supervisor may
+#: subscribe to stop its trainer at once instead of at its next heartbeat; Postgres
+#: (``jobs.cancel_requested``) stays the truth, the message is only a wake-up.
+CANCEL_CHANNEL_PREFIX = "gpufleet:cancel:"
+
 
 def cancel_channel(job_id: uuid.UUID | str) -> str:
-    """The Redis pub/sub channel a cancel is announced on, so that the job's supervisor stops
-    the trainer within a second. A doorbell only: the supervisor asks Postgres whether the
-    job was really cancelled (its next heartbeat, made due at once)."""
-    return f"gpufleet:cancel:{job_id}"
+    return f"{CANCEL_CHANNEL_PREFIX}{job_id}"
 
 
 #: Redis priority steps: one list per step and queue. Kombu serves step 0 first, so a job's
@@ -105,6 +108,17 @@ class Dispatcher:
         except Exception as exc:  # the broker is down: the caller decides without it
             log.warning("cannot read the depth of %s from the broker: %s", queue, exc)
             return None
+
+    def publish_cancel(self, job_id: uuid.UUID) -> bool:
+        """Wake the supervisor of a running job whose cancel just committed. A lost message
+        only delays the stop to the supervisor's next heartbeat."""
+        try:
+            with self._app.connection_for_write() as conn:
+                conn.default_channel.client.publish(cancel_channel(job_id), str(job_id))
+        except Exception as exc:  # the broker is down: the heartbeat sees the cancel anyway
+            log.warning("cancel wake-up of job %s not published: %s", job_id, exc)
+            return False
+        return True
 
     def ping(self) -> None:
         """Raise if the broker cannot be reached."""

@@ -6,6 +6,7 @@ surfacing later as a confusing failure in the middle of a job.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import socket
 from functools import lru_cache
@@ -32,6 +33,12 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     broker_url: str = DEFAULT_BROKER_URL
     api_tokens: str = ""
+    #: tokens that see every tenant and the fleet-wide views: ``token,...`` or ``name:token,...``.
+    admin_tokens: str = ""
+    #: a token that may read ``/metrics`` only (admin tokens may too).
+    metrics_token: str = ""
+    #: the largest request body the API reads; larger ones get 413 before they are read.
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
     fake_gpus: str = ""
     hostname: str = Field(default_factory=socket.gethostname)
     lease_ttl: float = Field(default=60.0, gt=0)
@@ -77,6 +84,22 @@ class Settings(BaseSettings):
         parse_api_tokens(value)
         return value
 
+    @field_validator("admin_tokens")
+    @classmethod
+    def _admin_tokens_well_formed(cls, value: str) -> str:
+        parse_admin_tokens(value)
+        return value
+
+    @model_validator(mode="after")
+    def _tokens_distinct(self) -> Self:
+        tenant_tokens = set(token_digests(self.api_tokens))
+        admin = set(admin_digests(self.admin_tokens).values())
+        if tenant_tokens & admin:
+            raise ValueError(
+                "a token is listed both in GPUFLEET_API_TOKENS and in GPUFLEET_ADMIN_TOKENS"
+            )
+        return self
+
     @model_validator(mode="after")
     def _heartbeat_fits_lease(self) -> Self:
         # The watchdogs kill a trainer (and stop a worker) after lease_ttl - 2 * heartbeat
@@ -98,12 +121,24 @@ class Settings(BaseSettings):
         return parse_api_tokens(self.api_tokens)
 
     @property
+    def auth_required(self) -> bool:
+        """With no tenant tokens configured, the API serves one tenant on loopback only."""
+        return bool(self.api_tokens.strip())
+
+    @property
     def entrypoint_prefixes(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in self.entrypoint_allow.split(",") if p.strip())
 
 
+def hash_token(token: str) -> str:
+    """Tokens are kept and compared as SHA-256 digests: a token is a random secret, so a fast
+    hash is enough, and a memory dump or a log of the settings object shows no token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def parse_api_tokens(raw: str) -> dict[str, str]:
-    """Parse ``tenant:token,...`` into ``{token: tenant}``."""
+    """Parse ``tenant:token,...`` into ``{token: tenant}``. A token listed for two tenants is
+    an error that names the tenants (never the token)."""
     tokens: dict[str, str] = {}
     for item in (part.strip() for part in raw.split(",")):
         if not item:
@@ -111,8 +146,38 @@ def parse_api_tokens(raw: str) -> dict[str, str]:
         tenant, sep, token = item.partition(":")
         if not sep or not tenant.strip() or not token.strip():
             raise ValueError("expected tenant:token,tenant:token")
-        tokens[token.strip()] = tenant.strip()
+        token, tenant = token.strip(), tenant.strip()
+        earlier = tokens.get(token)
+        if earlier is not None and earlier != tenant:
+            raise ValueError(
+                f"one token is listed for two tenants ({earlier!r} and {tenant!r}); "
+                "each tenant needs its own token"
+            )
+        tokens[token] = tenant
     return tokens
+
+
+def token_digests(raw: str) -> dict[str, str]:
+    """``GPUFLEET_API_TOKENS`` as ``{sha256(token): tenant}``."""
+    return {hash_token(token): tenant for token, tenant in parse_api_tokens(raw).items()}
+
+
+def parse_admin_tokens(raw: str) -> dict[str, str]:
+    """Parse ``token,...`` or ``name:token,...`` into ``{name: token}`` (unnamed: admin-N)."""
+    admins: dict[str, str] = {}
+    for n, item in enumerate((part.strip() for part in raw.split(",") if part.strip()), 1):
+        name, sep, token = item.rpartition(":")
+        if not sep:
+            name = f"admin-{n}"
+        if not token.strip() or not name.strip():
+            raise ValueError("expected token,token or name:token,name:token")
+        admins[name.strip()] = token.strip()
+    return admins
+
+
+def admin_digests(raw: str) -> dict[str, str]:
+    """``GPUFLEET_ADMIN_TOKENS`` as ``{name: sha256(token)}``."""
+    return {name: hash_token(token) for name, token in parse_admin_tokens(raw).items()}
 
 
 @lru_cache(maxsize=1)

@@ -95,6 +95,10 @@ class Reaper:
         for uuid in freed:
             log.warning("device %s: its worker stopped heartbeating; freed", uuid)
         report.devices_freed = len(freed)
+        with session_scope(url) as session:
+            unschedulable = reaping.fail_unschedulable(session=session, limit=limit)
+        for u in unschedulable:
+            log.warning("job %s: unschedulable: %s", u.job_id, u.reason)
 
     def _redispatch_lost(self) -> int:
         """Send again the wake-ups the broker no longer holds.

@@ -1,23 +1,88 @@
-"""Typed dependencies: settings, a database session, the caller's tenant, the dispatcher."""
+"""Typed dependencies: settings, a database session, the caller, the dispatcher.
+
+Dependencies that do no I/O are ``async``: FastAPI runs a sync dependency on a worker thread,
+and those hops cost more than the work.
+
+Tokens are compared as SHA-256 digests against every known digest, without stopping at the
+first match, so a wrong token and a right one take the same time.
+"""
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.api.errors import ApiError
 from app.db.session import open_session
 from app.queue import Dispatcher
-from app.settings import Settings
+from app.settings import Settings, admin_digests, hash_token, token_digests
 
 DEFAULT_TENANT = "default"
 
+bearer = HTTPBearer(
+    auto_error=False,
+    description="A tenant token (GPUFLEET_API_TOKENS), an admin token (GPUFLEET_ADMIN_TOKENS) "
+    "or, for /metrics only, GPUFLEET_METRICS_TOKEN.",
+)
 
-def get_settings_dep(request: Request) -> Settings:
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking. ``scope`` limits job views to one tenant (None: every tenant)."""
+
+    name: str
+    tenant: str | None  #: the tenant it submits as; None for an admin
+    scope: str | None
+    admin: bool  #: sees fleet-wide views
+    metrics_only: bool = False
+
+
+class Auth:
+    """The known tokens, as digests, built once per app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.required = settings.auth_required or bool(settings.admin_tokens.strip())
+        self._known: list[tuple[str, Caller]] = [
+            (digest, Caller(name=tenant, tenant=tenant, scope=tenant, admin=False))
+            for digest, tenant in token_digests(settings.api_tokens).items()
+        ]
+        self._known += [
+            (digest, Caller(name=name, tenant=None, scope=None, admin=True))
+            for name, digest in admin_digests(settings.admin_tokens).items()
+        ]
+        if settings.metrics_token.strip():
+            metrics = Caller(name="metrics", tenant=None, scope="", admin=False, metrics_only=True)
+            self._known.append((hash_token(settings.metrics_token.strip()), metrics))
+
+    def caller(self, token: str | None) -> Caller:
+        if not self.required:
+            return Caller(name=DEFAULT_TENANT, tenant=DEFAULT_TENANT, scope=None, admin=True)
+        if not token:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing bearer token: send 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        digest = hash_token(token.strip()).encode()
+        found: Caller | None = None
+        for known, who in self._known:  # no early exit: every token costs the same
+            if hmac.compare_digest(known.encode(), digest):
+                found = who
+        if found is None:
+            raise ApiError(
+                401, "unauthorized", "unknown token", headers={"WWW-Authenticate": "Bearer"}
+            )
+        return found
+
+
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -26,16 +91,16 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
-    """One session per request, committed when the handler returns (rolled back if it raises)."""
+    """One session per request. It never commits by itself: a handler that writes commits
+    before it answers (a yield-dependency's exit may run after the response is sent)."""
     with open_session(settings.database_url) as session:
         yield session
-        session.commit()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_dispatcher(request: Request) -> Dispatcher:
+async def get_dispatcher(request: Request) -> Dispatcher:
     dispatcher: Dispatcher = request.app.state.dispatcher
     return dispatcher
 
@@ -43,22 +108,45 @@ def get_dispatcher(request: Request) -> Dispatcher:
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 
 
-def get_tenant(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> str:
-    """The tenant of the bearer token; with no tokens configured, the one tenant ``default``."""
-    tokens = settings.tokens
-    if not tokens:
-        return DEFAULT_TENANT
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
+async def any_caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None,
+) -> Caller:
+    """Whoever holds a known token, the metrics token included."""
+    auth: Auth = request.app.state.auth
+    if credentials is None and request.headers.get("authorization"):
         raise ApiError(
             401,
             "unauthorized",
-            "missing bearer token: send 'Authorization: Bearer <token>'",
+            "malformed Authorization header: send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
         )
-    for known, tenant in tokens.items():
-        if hmac.compare_digest(known.encode(), token.strip().encode()):
-            return tenant
-    raise ApiError(401, "unauthorized", "unknown token")
+    return auth.caller(None if credentials is None else credentials.credentials)
 
 
-TenantDep = Annotated[str, Depends(get_tenant)]
+async def get_caller(caller: Annotated[Caller, Depends(any_caller)]) -> Caller:
+    """A tenant or an admin."""
+    if caller.metrics_only:
+        raise ApiError(403, "forbidden", "the metrics token reads /metrics only")
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+async def get_admin(caller: CallerDep) -> Caller:
+    if not caller.admin:
+        raise ApiError(403, "forbidden", "this view needs an admin token (GPUFLEET_ADMIN_TOKENS)")
+    return caller
+
+
+AdminDep = Annotated[Caller, Depends(get_admin)]
+
+
+async def metrics_caller(caller: Annotated[Caller, Depends(any_caller)]) -> Caller:
+    if not (caller.admin or caller.metrics_only):
+        raise ApiError(403, "forbidden", "/metrics needs the metrics token or an admin token")
+    return caller
+
+
+MetricsCallerDep = Annotated[Caller, Depends(metrics_caller)]

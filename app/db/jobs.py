@@ -1,22 +1,30 @@
-"""Submitting, reading, listing and cancelling jobs (the user's side of the jobs table)."""
+"""Submitting, reading, listing and cancelling jobs (the user's side of the jobs table).
+
+Reads return ``JobRecord`` dataclasses; the API builds the public shapes from them. A job, its
+lease history and its latest checkpoint come from one statement, and a page of jobs from one
+statement plus one read of the device table (only when a job on it is queued): the cost of a
+page does not grow with the number of jobs on it. A stored spec is never validated again.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from app.db.events import add_event
-from app.db.models import Checkpoint, Device, Job, Lease
-from app.domain.routing import device_fits
-from app.domain.spec import JobSpec
+from app.db.models import Device, Job
+from app.domain.routing import DEFAULT_FRAMEWORK, RoutingError, device_fits
+from app.domain.spec import SPEC_VERSION, JobSpec
 from app.domain.states import EventKind, JobStatus
 
 
@@ -32,10 +40,83 @@ class JobAlreadyFinished(Exception):
     """The job has already finished; there is nothing to cancel."""
 
 
+class AmbiguousJobId(Exception):
+    """A job id prefix matches more than one of the tenant's jobs."""
+
+    def __init__(self, prefix: str, candidates: list[uuid.UUID]) -> None:
+        shown = ", ".join(str(c) for c in candidates)
+        super().__init__(f"job id prefix {prefix!r} is ambiguous: it matches {shown}")
+        self.candidates = candidates
+
+
 @dataclass(frozen=True)
 class Submitted:
     job_id: uuid.UUID
     created: bool  #: False when an Idempotency-Key returned an earlier job
+    record: JobRecord | None = None  #: the new job (None for an earlier one)
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    epoch: int
+    worker: str
+    device: str | None
+    host: str | None  #: the device's host, when the device is registered
+    gpu_index: int | None
+    gpu_name: str | None
+    gpu_type: str | None
+    acquired_at: datetime
+    expires_at: datetime
+    released_at: datetime | None
+    outcome: str | None
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    step: int
+    path: str
+    saved_at: datetime
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    size: int
+    micro_batch: int
+    accumulation: int
+
+
+@dataclass(frozen=True)
+class GpuRecord:
+    peak_memory_gb: float | None
+    mean_utilization: float | None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: uuid.UUID
+    name: str
+    tenant: str
+    status: JobStatus
+    spec: dict[str, Any]
+    spec_version: int
+    queue: str
+    priority: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    max_attempts: int
+    retry_at: datetime | None
+    waiting_reason: str | None
+    cancel_requested: bool
+    lease: LeaseRecord | None  #: the live lease
+    leases: list[LeaseRecord]
+    progress: dict[str, Any] | None
+    checkpoint: CheckpointRecord | None
+    batch: BatchRecord
+    gpu: GpuRecord | None
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
 
 
 def spec_hash(spec: JobSpec) -> str:
@@ -43,29 +124,51 @@ def spec_hash(spec: JobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+_INSERT = text(
+    """
+    WITH j AS (
+        INSERT INTO jobs (id, tenant, name, status, spec, spec_version, queue, priority,
+                          idempotency_key, spec_hash, max_attempts, dispatched_at, event_seq)
+        VALUES (:id, :tenant, :name, 'queued', :spec, :spec_version, :queue, :priority,
+                :idempotency_key, :spec_hash, :max_attempts, now(), 1)
+        ON CONFLICT (tenant, idempotency_key) DO NOTHING
+        RETURNING *),
+    e AS (
+        INSERT INTO job_events (job_id, seq, kind, data)
+        SELECT id, 1, 'submitted', :event_data FROM j)
+    SELECT j.*, '[]'::json AS leases, NULL::json AS checkpoint FROM j
+    """
+).bindparams(bindparam("spec", type_=JSONB), bindparam("event_data", type_=JSONB))
+
+
 def submit_job(
-    *, session: Session, tenant: str, spec: JobSpec, idempotency_key: str | None = None
+    *,
+    session: Session,
+    tenant: str,
+    spec: JobSpec,
+    idempotency_key: str | None = None,
+    device_max_age: float = 0,
 ) -> Submitted:
-    """Insert a queued job and its event; with a key, return the earlier job instead."""
+    """Insert a queued job and its ``submitted`` event (seq 1) in one statement; with a key
+    already used, return the earlier job instead. A new job's record comes back with it."""
     digest = spec_hash(spec)
-    values = {
-        "id": uuid.uuid4(),
-        "tenant": tenant,
-        "name": spec.name,
-        "status": JobStatus.QUEUED,
-        "spec": spec.model_dump(mode="json"),
-        "queue": spec.queue,
-        "priority": spec.priority,
-        "idempotency_key": idempotency_key,
-        "spec_hash": digest,
-        "max_attempts": spec.max_attempts,
-        "dispatched_at": text("now()"),
-    }
-    insert = pg_insert(Job).values(**values)
-    if idempotency_key is not None:
-        insert = insert.on_conflict_do_nothing(index_elements=["tenant", "idempotency_key"])
-    new_id = session.scalar(insert.returning(Job.id))
-    if new_id is None:
+    row = session.execute(
+        _INSERT,
+        {
+            "id": uuid.uuid4(),
+            "tenant": tenant,
+            "name": spec.name,
+            "spec": spec.model_dump(mode="json"),
+            "spec_version": SPEC_VERSION,
+            "queue": spec.queue,
+            "priority": spec.priority,
+            "idempotency_key": idempotency_key,
+            "spec_hash": digest,
+            "max_attempts": spec.max_attempts,
+            "event_data": {"queue": spec.queue},
+        },
+    ).one_or_none()
+    if row is None:
         earlier = session.execute(
             select(Job.id, Job.spec_hash).where(
                 Job.tenant == tenant, Job.idempotency_key == idempotency_key
@@ -77,17 +180,19 @@ def submit_job(
                 "with a different body"
             )
         return Submitted(job_id=earlier.id, created=False)
-    add_event(session=session, job_id=new_id, kind=EventKind.SUBMITTED, data={"queue": spec.queue})
-    return Submitted(job_id=new_id, created=True)
+    record = _records(session, [row], device_max_age)[0]
+    return Submitted(job_id=row.id, created=True, record=record)
 
 
-def cancel_job(*, session: Session, tenant: str, job_id: uuid.UUID) -> JobStatus:
-    """Cancel a queued job at once; ask a running one to stop at its next step."""
+def cancel_job(*, session: Session, tenant: str | None, job_id: uuid.UUID) -> JobStatus:
+    """Cancel a queued job at once; ask a running one to stop at its next step. ``tenant``
+    None: any tenant's job (an admin)."""
+    scope = [] if tenant is None else [Job.tenant == tenant]
     row = session.execute(
         update(Job)
         .where(
             Job.id == job_id,
-            Job.tenant == tenant,
+            *scope,
             Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
         )
         .values(
@@ -103,7 +208,7 @@ def cancel_job(*, session: Session, tenant: str, job_id: uuid.UUID) -> JobStatus
         .returning(Job.status, Job.epoch)
     ).one_or_none()
     if row is None:
-        status = session.scalar(select(Job.status).where(Job.id == job_id, Job.tenant == tenant))
+        status = session.scalar(select(Job.status).where(Job.id == job_id, *scope))
         if status is None:
             raise JobNotFound(f"job {job_id} not found")
         raise JobAlreadyFinished(f"job {job_id} is already {status.value}")
@@ -117,18 +222,51 @@ def job_queue_info(*, session: Session, job_id: uuid.UUID) -> tuple[str, int] | 
     return None if row is None else (row.queue, row.priority)
 
 
-def job_tenant_exists(*, session: Session, tenant: str, job_id: uuid.UUID) -> bool:
-    found = session.scalar(select(Job.id).where(Job.id == job_id, Job.tenant == tenant))
-    return found is not None
+_PREFIX_RE = re.compile(r"^[0-9a-f]{4,32}$")
+#: a prefix never lists more candidates than this in its error.
+MAX_CANDIDATES = 10
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+def resolve_job_id(*, session: Session, tenant: str | None, raw: str) -> uuid.UUID:
+    """A full job id, or a unique prefix of one of the tenant's jobs (at least 4 hex digits,
+    dashes optional, as git takes commit ids). ``tenant`` None: every tenant (an admin)."""
+    try:
+        full = uuid.UUID(raw)
+    except ValueError:
+        pass
+    else:
+        if not job_tenant_exists(session=session, tenant=tenant, job_id=full):
+            raise JobNotFound(f"job {raw} not found")
+        return full
+    digits = raw.strip().lower().replace("-", "")
+    if not _PREFIX_RE.match(digits):
+        raise JobNotFound(
+            f"job {raw!r} not found (not a job id, nor a prefix of at least 4 hex digits)"
+        )
+    # The prefix is a range of the primary key: an index scan, not a scan of the tenant's jobs.
+    low = uuid.UUID(digits.ljust(32, "0"))
+    high = uuid.UUID(digits.ljust(32, "f"))
+    query = select(Job.id).where(Job.id >= low, Job.id <= high)
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
+    found = list(session.scalars(query.order_by(Job.id).limit(MAX_CANDIDATES + 1)))
+    if not found:
+        raise JobNotFound(f"job {raw!r} not found")
+    if len(found) > 1:
+        raise AmbiguousJobId(raw, found[:MAX_CANDIDATES])
+    return found[0]
+
+
+def job_tenant_exists(*, session: Session, tenant: str | None, job_id: uuid.UUID) -> bool:
+    query = select(Job.id).where(Job.id == job_id)
+    if tenant is not None:
+        query = query.where(Job.tenant == tenant)
+    return session.scalar(query) is not None
 
 
 @dataclass(frozen=True)
 class FleetDevice:
-    """A registered device as :func:`waiting_reason` sees it."""
+    """A registered device as a waiting job's reason sees it."""
 
     gpu_type: str
     memory_bytes: int
@@ -138,7 +276,11 @@ class FleetDevice:
     frameworks: dict[str, str] | None
 
 
-def fleet_devices(session: Session) -> list[FleetDevice]:
+_DeviceSizes = list[FleetDevice]
+
+
+def device_sizes(session: Session) -> _DeviceSizes:
+    """The registered devices (type, memory, liveness, suspicion, frameworks): one read."""
     rows = session.execute(
         select(
             Device.gpu_type,
@@ -160,27 +302,49 @@ def fleet_devices(session: Session) -> list[FleetDevice]:
     ]
 
 
-def fits(spec: JobSpec, devices: list[FleetDevice]) -> list[FleetDevice]:
-    return [
-        d
-        for d in devices
-        if device_fits(
-            device_type=d.gpu_type,
-            device_memory_gib=d.memory_bytes / 2**30,
-            job_type=spec.resources.gpu_type,
-            job_memory_gb=spec.resources.memory_gb,
-        )
-    ]
+def _fitting(spec: dict[str, Any], devices: _DeviceSizes) -> list[FleetDevice]:
+    """The devices of the stored spec's type and size (read from the spec, never validated
+    again; a spec stored under older rules fits nothing now)."""
+    resources = spec.get("resources") or {}
+    job_type = resources.get("gpu_type", "any")
+    memory_gb = float(resources.get("memory_gb", 8))
+    try:
+        return [
+            d
+            for d in devices
+            if device_fits(
+                device_type=d.gpu_type,
+                device_memory_gib=d.memory_bytes / 2**30,
+                job_type=job_type,
+                job_memory_gb=memory_gb,
+            )
+        ]
+    except RoutingError:
+        return []
 
 
-def fitting_reason(spec: JobSpec, fitting: list[FleetDevice]) -> str | None:
+def no_fit_reason(spec: dict[str, Any], devices: _DeviceSizes) -> str | None:
+    """Why no registered device could ever run a job with this stored spec, or None."""
+    if not devices:
+        return "no devices are registered: start a worker (gpufleet worker)"
+    if _fitting(spec, devices):
+        return None
+    resources = spec.get("resources") or {}
+    have = ", ".join(sorted({f"{d.gpu_type}:{d.memory_bytes / 2**30:.0f}GiB" for d in devices}))
+    return (
+        f"no registered device fits gpu_type={resources.get('gpu_type', 'any')} "
+        f"memory_gb={float(resources.get('memory_gb', 8)):g} (devices: {have})"
+    )
+
+
+def fitting_reason(spec: dict[str, Any], fitting: list[FleetDevice]) -> str | None:
     """Why a job waits although devices of its type and size are registered: none of their
     workers offers its framework, or every one that does is suspect.
 
     The framework is judged on the fitting devices whose workers reported what they offer,
     the live ones when there are any (a stopped worker's list may be stale).
     """
-    framework = spec.effective_framework
+    framework = str(spec.get("framework") or DEFAULT_FRAMEWORK)
     known = [d for d in fitting if d.frameworks is not None]
     live = [d for d in known if d.alive]
     judged = live or known
@@ -201,137 +365,226 @@ def fitting_reason(spec: JobSpec, fitting: list[FleetDevice]) -> str | None:
     return None
 
 
-def waiting_reason(
-    *, session: Session, job: Job, devices: list[FleetDevice] | None = None
-) -> str | None:
-    """Why a queued job is not running, when no registered device could run it now."""
-    if job.status != JobStatus.QUEUED:
-        return None
-    spec = JobSpec.model_validate(job.spec)
-    if devices is None:
-        devices = fleet_devices(session)
-    fitting = fits(spec, devices)
-    if not devices:
-        return "no devices are registered: start a worker (gpufleet worker)"
-    if not fitting:
-        have = ", ".join(sorted({f"{d.gpu_type}:{d.memory_bytes / 2**30:.0f}GiB" for d in devices}))
-        return (
-            f"no registered device fits gpu_type={spec.resources.gpu_type} "
-            f"memory_gb={spec.resources.memory_gb:g} (devices: {have})"
+def waiting_reason(spec: dict[str, Any], devices: _DeviceSizes) -> str | None:
+    """Why a queued job is not running when no registered device could run it now: none of
+    the type and size, or none with its framework, or all of those suspect."""
+    return no_fit_reason(spec, devices) or fitting_reason(spec, _fitting(spec, devices))
+
+
+_SELECT = """
+SELECT j.id, j.name, j.tenant, j.status, j.spec, j.spec_version, j.queue, j.priority,
+       j.created_at, j.started_at, j.finished_at, j.attempts, j.max_attempts, j.retry_at,
+       j.cancel_requested, j.progress, j.micro_batch, j.result, j.error,
+       j.gpu_peak_memory_bytes, j.gpu_util_sum, j.gpu_util_samples,
+       (SELECT coalesce(json_agg(json_build_object(
+                   'epoch', l.epoch, 'worker', l.worker, 'device', l.device_uuid,
+                   'host', d.host, 'gpu_index', d.index, 'gpu_name', d.name,
+                   'gpu_type', d.gpu_type, 'acquired_at', l.acquired_at,
+                   'expires_at', l.expires_at, 'released_at', l.released_at,
+                   'outcome', l.outcome) ORDER BY l.epoch), '[]'::json)
+          FROM leases l LEFT JOIN devices d ON d.uuid = l.device_uuid
+         WHERE l.job_id = j.id) AS leases,
+       (SELECT json_build_object('step', c.step, 'path', c.path, 'saved_at', c.saved_at)
+          FROM checkpoints c WHERE c.job_id = j.id
+         ORDER BY c.step DESC, c.id DESC LIMIT 1) AS checkpoint
+  FROM jobs j
+"""
+
+
+def _ts(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _lease(raw: dict[str, Any]) -> LeaseRecord:
+    acquired, expires = _ts(raw["acquired_at"]), _ts(raw["expires_at"])
+    assert acquired is not None and expires is not None
+    return LeaseRecord(
+        epoch=raw["epoch"],
+        worker=raw["worker"],
+        device=raw["device"],
+        host=raw["host"],
+        gpu_index=raw["gpu_index"],
+        gpu_name=raw["gpu_name"],
+        gpu_type=raw["gpu_type"],
+        acquired_at=acquired,
+        expires_at=expires,
+        released_at=_ts(raw["released_at"]),
+        outcome=raw["outcome"],
+    )
+
+
+def _record(row: Any, devices: _DeviceSizes | None) -> JobRecord:
+    status = JobStatus(row.status)
+    leases = [_lease(raw) for raw in row.leases]
+    live = next((lease for lease in leases if lease.released_at is None), None)
+    checkpoint = None
+    if row.checkpoint is not None:
+        saved_at = _ts(row.checkpoint["saved_at"])
+        assert saved_at is not None
+        checkpoint = CheckpointRecord(
+            step=row.checkpoint["step"], path=row.checkpoint["path"], saved_at=saved_at
         )
-    return fitting_reason(spec, fitting)
+    batch_size = int((row.spec.get("training") or {}).get("batch_size", 1))
+    micro = row.micro_batch or batch_size
+    gpu = None
+    if row.gpu_util_samples or row.gpu_peak_memory_bytes is not None:
+        gpu = GpuRecord(
+            peak_memory_gb=None
+            if row.gpu_peak_memory_bytes is None
+            else round(row.gpu_peak_memory_bytes / 1e9, 3),
+            mean_utilization=None
+            if not row.gpu_util_samples
+            else round(row.gpu_util_sum / row.gpu_util_samples, 4),
+        )
+    waiting = None
+    if status == JobStatus.QUEUED and devices is not None:
+        waiting = waiting_reason(row.spec, devices)
+    return JobRecord(
+        id=row.id,
+        name=row.name,
+        tenant=row.tenant,
+        status=status,
+        spec=row.spec,
+        spec_version=row.spec_version,
+        queue=row.queue,
+        priority=row.priority,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        retry_at=row.retry_at,
+        waiting_reason=waiting,
+        cancel_requested=row.cancel_requested,
+        lease=live,
+        leases=leases,
+        progress=row.progress,
+        checkpoint=checkpoint,
+        batch=BatchRecord(size=batch_size, micro_batch=micro, accumulation=-(-batch_size // micro)),
+        gpu=gpu,
+        result=row.result,
+        error=row.error,
+    )
+
+
+#: the device table as last read, per database URL: (monotonic time, sizes).
+_device_cache: dict[str, tuple[float, _DeviceSizes]] = {}
+
+
+def cached_device_sizes(session: Session, max_age: float) -> _DeviceSizes:
+    """The device table, read at most once per ``max_age`` seconds per process (0: now).
+    Devices register and leave rarely; ``waiting_reason`` may lag them by ``max_age``."""
+    if max_age <= 0:
+        return device_sizes(session)
+    key = str(session.get_bind().engine.url)
+    now = time.monotonic()
+    cached = _device_cache.get(key)
+    if cached is None or now - cached[0] > max_age:
+        cached = _device_cache[key] = (now, device_sizes(session))
+    return cached[1]
+
+
+def _records(session: Session, rows: list[Any], device_max_age: float) -> list[JobRecord]:
+    """One read of the device table for the whole page, and only when a job on it waits."""
+    queued = any(r.status == JobStatus.QUEUED.value for r in rows)
+    devices = cached_device_sizes(session, device_max_age) if queued else None
+    return [_record(r, devices) for r in rows]
+
+
+def get_job(
+    *, session: Session, tenant: str | None, job_id: uuid.UUID, device_max_age: float = 0
+) -> JobRecord:
+    """One job (``tenant`` None: any tenant's)."""
+    params: dict[str, Any] = {"id": job_id, "tenant": tenant}
+    rows = session.execute(
+        text(
+            _SELECT + " WHERE j.id = :id AND (CAST(:tenant AS text) IS NULL OR j.tenant = :tenant)"
+        ),
+        params,
+    ).all()
+    if not rows:
+        raise JobNotFound(f"job {job_id} not found")
+    return _records(session, list(rows), device_max_age)[0]
 
 
 def job_view(*, session: Session, tenant: str, job_id: uuid.UUID) -> dict[str, Any]:
-    """The job as API.md shows it."""
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
-    if job is None:
-        raise JobNotFound(f"job {job_id} not found")
-    return _view(session=session, job=job)
-
-
-def _view(
-    *, session: Session, job: Job, devices: list[FleetDevice] | None = None
-) -> dict[str, Any]:
-    live = session.scalar(select(Lease).where(Lease.job_id == job.id, Lease.released_at.is_(None)))
-    leases = session.scalars(select(Lease).where(Lease.job_id == job.id).order_by(Lease.epoch))
-    checkpoint = session.scalar(
-        select(Checkpoint)
-        .where(Checkpoint.job_id == job.id)
-        .order_by(Checkpoint.step.desc(), Checkpoint.id.desc())
-        .limit(1)
-    )
-    spec = job.spec
-    batch_size = int(spec["training"]["batch_size"])
-    micro = job.micro_batch or batch_size
-    return {
-        "id": str(job.id),
-        "name": job.name,
-        "tenant": job.tenant,
-        "status": job.status.value,
-        "spec": spec,
-        "queue": job.queue,
-        "priority": job.priority,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "retry_at": _iso(job.retry_at),
-        "waiting_reason": waiting_reason(session=session, job=job, devices=devices),
-        "cancel_requested": job.cancel_requested,
-        "lease": None
-        if live is None
-        else {
-            "worker": live.worker,
-            "device": live.device_uuid,
-            "epoch": live.epoch,
-            "expires_at": _iso(live.expires_at),
-        },
-        "leases": [
-            {
-                "epoch": lease.epoch,
-                "worker": lease.worker,
-                "device": lease.device_uuid,
-                "acquired_at": _iso(lease.acquired_at),
-                "released_at": _iso(lease.released_at),
-                "outcome": None if lease.outcome is None else lease.outcome.value,
-            }
-            for lease in leases
-        ],
-        "progress": job.progress,
-        "checkpoint": None
-        if checkpoint is None
-        else {
-            "step": checkpoint.step,
-            "path": checkpoint.path,
-            "saved_at": _iso(checkpoint.saved_at),
-        },
-        "batch": {
-            "size": batch_size,
-            "micro_batch": micro,
-            "accumulation": -(-batch_size // micro),
-        },
-        "gpu": None
-        if job.gpu_util_samples == 0 and job.gpu_peak_memory_bytes is None
-        else {
-            "peak_memory_gb": None
-            if job.gpu_peak_memory_bytes is None
-            else round(job.gpu_peak_memory_bytes / 1e9, 3),
-            "mean_utilization": None
-            if job.gpu_util_samples == 0
-            else round(job.gpu_util_sum / job.gpu_util_samples, 4),
-        },
-        "result": job.result,
-        "error": job.error,
-    }
+    """The job as a plain dict (tests and tools); the API's public shape is built from
+    ``get_job``'s record in ``app.api.schemas``."""
+    return asdict(get_job(session=session, tenant=tenant, job_id=job_id))
 
 
 def list_jobs(
     *,
     session: Session,
-    tenant: str,
+    tenant: str | None,
     status: JobStatus | None,
     limit: int,
     cursor: tuple[datetime, uuid.UUID] | None,
-) -> tuple[list[dict[str, Any]], tuple[datetime, uuid.UUID] | None]:
-    """Newest first; the cursor is the (created_at, id) of the last job of the previous page."""
-    query = select(Job).where(Job.tenant == tenant)
+    device_max_age: float = 0,
+) -> tuple[list[JobRecord], tuple[datetime, uuid.UUID] | None]:
+    """Newest first; the cursor is the (created_at, id) of the last job of the previous page.
+    ``tenant`` None: every tenant's jobs (an admin)."""
+    where = ["(CAST(:tenant AS text) IS NULL OR j.tenant = :tenant)"]
+    params: dict[str, Any] = {"tenant": tenant, "limit": limit + 1}
     if status is not None:
-        query = query.where(Job.status == status)
+        where.append("j.status = CAST(:status AS job_status)")
+        params["status"] = status.value
     if cursor is not None:
-        at, last_id = cursor
-        query = query.where(or_(Job.created_at < at, and_(Job.created_at == at, Job.id < last_id)))
-    jobs = list(
-        session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
-    )
-    more = len(jobs) > limit
-    jobs = jobs[:limit]
-    next_cursor = (jobs[-1].created_at, jobs[-1].id) if more and jobs else None
-    devices = fleet_devices(session)
-    return [_view(session=session, job=j, devices=devices) for j in jobs], next_cursor
+        where.append("(j.created_at, j.id) < (:at, :last_id)")
+        params["at"], params["last_id"] = cursor
+    sql = _SELECT + " WHERE " + " AND ".join(where)
+    sql += " ORDER BY j.created_at DESC, j.id DESC LIMIT :limit"
+    rows = list(session.execute(text(sql), params).all())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = (rows[-1].created_at, rows[-1].id) if more and rows else None
+    return _records(session, rows, device_max_age), next_cursor
 
 
 def job_status(*, session: Session, job_id: uuid.UUID) -> JobStatus | None:
     status: JobStatus | None = session.scalar(select(Job.status).where(Job.id == job_id))
     return status
+
+
+@dataclass(frozen=True)
+class JobCursor:
+    """Where a job's streams stand: its last event and log sequence numbers, and its status."""
+
+    event_seq: int
+    log_seq: int
+    status: JobStatus
+
+
+def job_cursors(*, session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, JobCursor]:
+    """One statement for every followed job of a replica (the stream poller)."""
+    rows = session.execute(
+        select(Job.id, Job.event_seq, Job.log_seq, Job.status).where(Job.id.in_(job_ids))
+    ).all()
+    return {
+        r.id: JobCursor(event_seq=r.event_seq, log_seq=r.log_seq, status=JobStatus(r.status))
+        for r in rows
+    }
+
+
+def tenant_counts(*, session: Session, tenant: str) -> tuple[dict[str, int], dict[str, int]]:
+    """One tenant's jobs by status, and its queued jobs per queue."""
+    rows = session.execute(
+        text(
+            "SELECT status, queue, count(*) AS n FROM jobs WHERE tenant = :t GROUP BY status, queue"
+        ),
+        {"t": tenant},
+    ).all()
+    by_status = {status.value: 0 for status in JobStatus}
+    queues: dict[str, int] = {}
+    for r in rows:
+        by_status[r.status] += r.n
+        if r.status == JobStatus.QUEUED.value:
+            queues[r.queue] = queues.get(r.queue, 0) + r.n
+    return by_status, queues
+
+
+def tenant_job_ids(*, session: Session, tenant: str, job_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of ``job_ids`` are the tenant's."""
+    if not job_ids:
+        return set()
+    return set(session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.tenant == tenant)))

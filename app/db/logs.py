@@ -1,9 +1,14 @@
-"""The trainer's output, stored in chunks per attempt so any API replica can serve it."""
+"""The trainer's output, stored in chunks per attempt so any API replica can serve it.
+
+Chunks carry a per-job, gap-free ``seq``, given by a database trigger under the job's row lock
+in the inserting transaction (like events, see ``app.db.events``): the log stream's cursor.
+"""
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
@@ -28,13 +33,38 @@ def append_log(*, session: Session, job_id: uuid.UUID, epoch: int, chunk: str) -
     return stored is not None
 
 
+@dataclass(frozen=True)
+class LogChunk:
+    seq: int
+    epoch: int
+    at: datetime
+    text: str
+
+
 def read_logs(
-    *, session: Session, job_id: uuid.UUID, after_id: int = 0, limit: int = 1000
-) -> list[dict[str, Any]]:
-    rows = session.scalars(
-        select(JobLog)
-        .where(JobLog.job_id == job_id, JobLog.id > after_id)
-        .order_by(JobLog.id)
-        .limit(limit)
-    )
-    return [{"id": r.id, "epoch": r.epoch, "at": r.at.isoformat(), "text": r.chunk} for r in rows]
+    *, session: Session, job_id: uuid.UUID, after: int = 0, limit: int = 100
+) -> list[LogChunk]:
+    """Chunks with ``seq > after``, in order, at most ``limit``."""
+    return read_log_page(session=session, job_id=job_id, after=after, limit=limit)[0]
+
+
+def read_log_page(
+    *, session: Session, job_id: uuid.UUID, after: int, limit: int, max_chars: int = 0
+) -> tuple[list[LogChunk], bool]:
+    """Chunks with ``seq > after``, in order: at most ``limit`` and, with ``max_chars`` > 0,
+    no more text than that (but at least one chunk, so a reader always moves on). True when
+    more chunks follow."""
+    rows = session.execute(
+        select(JobLog.seq, JobLog.epoch, JobLog.at, JobLog.chunk)
+        .where(JobLog.job_id == job_id, JobLog.seq > after)
+        .order_by(JobLog.seq)
+        .limit(limit + 1)
+    ).all()
+    chunks: list[LogChunk] = []
+    size = 0
+    for r in rows[:limit]:
+        size += len(r.chunk)
+        if chunks and max_chars and size > max_chars:
+            return chunks, True
+        chunks.append(LogChunk(seq=r.seq, epoch=r.epoch, at=r.at, text=r.chunk))
+    return chunks, len(rows) > limit

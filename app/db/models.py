@@ -83,6 +83,14 @@ class Job(Base):
     gpu_peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
     gpu_util_sum: Mapped[float] = mapped_column(Float, server_default=text("0"))
     gpu_util_samples: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    #: the version of the spec schema the job was validated against at submit; a stored spec
+    #: is never validated again (a later, stricter schema must not break old jobs).
+    spec_version: Mapped[int] = mapped_column(SmallInteger, server_default=text("1"))
+    #: the last sequence number given to one of the job's events / log chunks. Bumped in the
+    #: transaction that inserts the row, which holds the job's row lock until it commits: the
+    #: numbers are gap-free and commit in order, so a reader's cursor never skips a row.
+    event_seq: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    log_seq: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
 
     __table_args__ = (
         UniqueConstraint("tenant", "idempotency_key"),
@@ -143,8 +151,13 @@ class JobEvent(Base):
     epoch: Mapped[int | None] = mapped_column(BigInteger)
     message: Mapped[str] = mapped_column(Text, server_default=text("''"))
     data: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    #: per-job, gap-free, in commit order (see ``Job.event_seq``): the stream cursor.
+    seq: Mapped[int] = mapped_column(BigInteger)
 
-    __table_args__ = (Index("ix_job_events_job_id", "job_id", "id"),)
+    __table_args__ = (
+        Index("ix_job_events_job_id", "job_id", "id"),
+        UniqueConstraint("job_id", "seq"),
+    )
 
 
 class JobLog(Base):
@@ -157,8 +170,13 @@ class JobLog(Base):
     epoch: Mapped[int] = mapped_column(BigInteger)
     at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
     chunk: Mapped[str] = mapped_column(Text)
+    #: per-job, gap-free, in commit order (see ``Job.log_seq``): the stream cursor.
+    seq: Mapped[int] = mapped_column(BigInteger)
 
-    __table_args__ = (Index("ix_job_logs_job_id", "job_id", "id"),)
+    __table_args__ = (
+        Index("ix_job_logs_job_id", "job_id", "id"),
+        UniqueConstraint("job_id", "seq"),
+    )
 
 
 class Device(Base):

@@ -14,6 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app.db.events import add_event
+from app.db.jobs import device_sizes, no_fit_reason
 from app.db.leases import FREE_HANDBACKS
 from app.domain.states import EventKind, JobStatus
 
@@ -203,3 +204,59 @@ def free_dead_devices(*, session: Session, limit: int) -> list[str]:
         {"limit": limit},
     ).all()
     return list(rows)
+
+
+@dataclass(frozen=True)
+class Unschedulable:
+    job_id: uuid.UUID
+    reason: str
+
+
+def fail_unschedulable(*, session: Session, limit: int) -> list[Unschedulable]:
+    """Fail, as ``unschedulable``, the queued jobs with a ``max_wait`` that either waited longer
+    than it since submit (before their first start) or that no registered device could ever run
+    (with devices registered: an empty fleet is a fleet still starting). Jobs without
+    ``max_wait`` wait for ever, as before."""
+    rows = session.execute(
+        text(
+            """
+            SELECT id, spec, (spec->>'max_wait')::float AS max_wait,
+                   now() - created_at > make_interval(secs => (spec->>'max_wait')::float)
+                       AS waited_too_long
+              FROM jobs
+             WHERE status = 'queued' AND NOT cancel_requested AND started_at IS NULL
+               AND jsonb_typeof(spec->'max_wait') = 'number'
+             ORDER BY created_at LIMIT :limit
+               FOR UPDATE SKIP LOCKED
+            """
+        ),
+        {"limit": limit},
+    ).all()
+    if not rows:
+        return []
+    devices = device_sizes(session)
+    failed = []
+    for r in rows:
+        no_fit = no_fit_reason(r.spec, devices) if devices else None
+        if r.waited_too_long:
+            reason = f"queued longer than max_wait ({r.max_wait:g} s)"
+            if no_fit:
+                reason += f": {no_fit}"
+        elif no_fit:
+            reason = f"{no_fit}; it has a max_wait, so it fails rather than wait"
+        else:
+            continue
+        session.execute(
+            text(
+                """
+                UPDATE jobs SET status = 'failed', finished_at = now(),
+                       error = jsonb_build_object('kind', 'unschedulable',
+                                                  'message', CAST(:reason AS text))
+                 WHERE id = :id AND status = 'queued'
+                """
+            ),
+            {"id": r.id, "reason": reason},
+        )
+        add_event(session=session, job_id=r.id, kind=EventKind.FAILED, message=reason)
+        failed.append(Unschedulable(job_id=r.id, reason=reason))
+    return failed

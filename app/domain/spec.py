@@ -11,13 +11,21 @@ from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.domain.routing import ANY_TYPE, job_queue, normalize_type
+from app.domain.routing import ANY_TYPE, TIERS, job_queue, normalize_type
 
 MAX_PRIORITY = 9  #: the most urgent priority
 DEFAULT_PRIORITY = 5
+#: the version of these rules a stored spec was validated against (``jobs.spec_version``). A
+#: stored spec is never validated again: tightening a rule later must not break old jobs.
+SPEC_VERSION = 1
+#: the longest ``max_runtime`` / ``max_wait``: 30 days.
+MAX_SECONDS = 30 * 24 * 3600
 
-_ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+ENTRYPOINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+_ENTRYPOINT_RE = re.compile(ENTRYPOINT_PATTERN)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+#: the control-character rule, as the OpenAPI document states it.
+_NO_CONTROL_PATTERN = "^[^\\x00-\\x1f\\x7f]*$"
 
 
 def _no_control_characters(value: str) -> str:
@@ -31,8 +39,12 @@ def _no_control_characters(value: str) -> str:
     return value
 
 
-#: every free-text field of a spec.
-Text = Annotated[str, AfterValidator(_no_control_characters)]
+#: every free-text field of a spec (each also has a length limit where it is used).
+Text = Annotated[
+    str,
+    AfterValidator(_no_control_characters),
+    Field(json_schema_extra={"pattern": _NO_CONTROL_PATTERN}),
+]
 #: seeds every framework accepts (numpy's are 32-bit).
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
@@ -42,6 +54,22 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "description": "classification needs output_dim >= 2.",
+            "anyOf": [
+                {"properties": {"task": {"const": "regression"}}},
+                {
+                    "required": ["task", "output_dim"],
+                    "properties": {
+                        "task": {"const": "classification"},
+                        "output_dim": {"minimum": 2},
+                    },
+                },
+            ],
+        }
+    )
+
     type: Literal["mlp"] = "mlp"
     input_dim: int = Field(default=32, ge=1, le=65536)
     hidden_units: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
@@ -57,13 +85,34 @@ class ModelSpec(_Strict):
         return self
 
 
+#: a data file as the OpenAPI document states it: relative, no '..', .npz or .csv.
+_DATA_PATH_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]*(/[A-Za-z0-9_][A-Za-z0-9_-]*)*\.(npz|csv)$"
+
+
 class DataSpec(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "description": "source 'file' needs path (relative to the data root, .npz or .csv,"
+            " no '..'); path is only for source 'file'.",
+            "anyOf": [
+                {
+                    "required": ["source", "path"],
+                    "properties": {
+                        "source": {"const": "file"},
+                        "path": {"type": "string", "pattern": _DATA_PATH_PATTERN},
+                    },
+                },
+                {"properties": {"source": {"const": "synthetic"}, "path": {"type": "null"}}},
+            ],
+        }
+    )
+
     source: Literal["synthetic", "file"] = "synthetic"
     samples: int = Field(default=20000, ge=1, le=50_000_000)
     seed: Seed = 0
     #: for ``source: file``: a ``.npz`` (arrays ``x`` and ``y``) or ``.csv`` (last column is the
     #: target) path relative to ``GPUFLEET_DATA_ROOT``.
-    path: Text | None = None
+    path: Annotated[Text, Field(max_length=1024)] | None = None
 
     @model_validator(mode="after")
     def _file_needs_path(self) -> Self:
@@ -91,9 +140,24 @@ class TrainingSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    gpu_type: Text = ANY_TYPE
-    memory_gb: float = Field(default=8, gt=0)
-    gpu_count: int = Field(default=1, ge=1)
+    gpu_type: Text = Field(
+        default=ANY_TYPE,
+        max_length=64,
+        description="A GPU type name (A100, T4, ...; case-insensitive) or 'any'.",
+        json_schema_extra={"pattern": "^[A-Za-z0-9]{1,32}$"},
+    )
+    memory_gb: float = Field(
+        default=8,
+        gt=0,
+        description=f"GPU memory the job needs; at most the largest tier, {TIERS[-1]} GB.",
+        json_schema_extra={"maximum": TIERS[-1]},
+    )
+    gpu_count: int = Field(
+        default=1,
+        ge=1,
+        description="1: multi-GPU jobs are not supported yet.",
+        json_schema_extra={"maximum": 1},
+    )
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
 
     @field_validator("gpu_type")
@@ -112,6 +176,22 @@ class ResourcesSpec(_Strict):
 class FaultSpec(_Strict):
     """Injected faults for drills and tests; refused unless GPUFLEET_FAULT_INJECTION=1."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "description": "fail_at_step and fail_with go together.",
+            "anyOf": [
+                {
+                    "required": ["fail_at_step", "fail_with"],
+                    "properties": {
+                        "fail_at_step": {"type": "integer"},
+                        "fail_with": {"type": "string"},
+                    },
+                },
+                {"properties": {"fail_at_step": {"type": "null"}, "fail_with": {"type": "null"}}},
+            ],
+        }
+    )
+
     oom_above_micro_batch: int | None = Field(default=None, ge=0)
     fail_at_step: int | None = Field(default=None, ge=1)
     #: transient: an OSError (infra); value_error: user error; gpu_fault: a CUDA hardware
@@ -128,18 +208,59 @@ class FaultSpec(_Strict):
 
 
 class JobSpec(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "description": "A training job. Give 'framework' or an 'entrypoint' (custom "
+            "trainer; its module must be under GPUFLEET_ENTRYPOINT_ALLOW). 'faults' only where "
+            "GPUFLEET_FAULT_INJECTION=1.",
+            "anyOf": [
+                {"required": ["framework"], "properties": {"framework": {"type": "string"}}},
+                {"required": ["entrypoint"], "properties": {"entrypoint": {"type": "string"}}},
+            ],
+        }
+    )
+
     name: Text = Field(default="job", min_length=1, max_length=200)
     framework: Literal["torch", "tensorflow"] | None = None
-    entrypoint: Text | None = None
+    entrypoint: (
+        Annotated[
+            Text,
+            Field(
+                max_length=300,
+                description="'package.module:function', a custom trainer.",
+                json_schema_extra={"pattern": ENTRYPOINT_PATTERN},
+            ),
+        ]
+        | None
+    ) = None
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=MAX_PRIORITY)
     max_attempts: int = Field(default=3, ge=1, le=100)
+    distributed_training: bool = Field(
+        default=False,
+        description="false: multi-GPU (distributed) jobs are not supported yet.",
+        json_schema_extra={"const": False},
+    )
     #: seconds one attempt may run; then it stops at a checkpoint and fails ``timeout``.
-    max_runtime: float | None = Field(default=None, gt=0, le=366 * 24 * 3600)
-    distributed_training: bool = False
+    max_runtime: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_SECONDS,
+        description="Seconds one attempt may run; then it stops at a checkpoint and fails "
+        "'timeout'.",
+    )
+    #: seconds the job may wait queued; then, or once no registered device could ever run it,
+    #: it fails ``unschedulable``.
+    max_wait: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_SECONDS,
+        description="Seconds the job may wait queued; then, or when no registered device "
+        "could ever run it, it fails 'unschedulable'.",
+    )
     faults: FaultSpec | None = None
 
     @field_validator("entrypoint")

@@ -51,6 +51,7 @@ class ErrorKind(StrEnum):
     LOST_WORKER = "lost_worker"  #: the worker went silent; the reaper requeued the job
     CANCELLED = "cancelled"  #: a user cancelled the job
     TIMEOUT = "timeout"  #: it ran past its ``max_runtime``; its last checkpoint is kept
+    UNSCHEDULABLE = "unschedulable"  #: waited past ``max_wait``, or no device could ever run it
 
 
 class EventKind(StrEnum):

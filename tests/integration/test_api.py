@@ -34,12 +34,18 @@ JOB = {
 }
 ALICE = {"Authorization": "Bearer alice-token"}
 BOB = {"Authorization": "Bearer bob-token"}
+ADMIN = {"Authorization": "Bearer admin-token"}
+METRICS = {"Authorization": "Bearer metrics-token"}
+AUTH = {
+    "api_tokens": "alice:alice-token,bob:bob-token",
+    "admin_tokens": "root:admin-token",
+    "metrics_token": "metrics-token",
+}
 
 
 @pytest.fixture
 def client(settings: Settings) -> TestClient:
-    tokens = "alice:alice-token,bob:bob-token"
-    return TestClient(create_app(settings.model_copy(update={"api_tokens": tokens})))
+    return TestClient(create_app(settings.model_copy(update=AUTH)))
 
 
 def job_with(**changes: Any) -> dict[str, Any]:
@@ -191,7 +197,10 @@ def test_validate_devices_fleet_and_ops(client: TestClient) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
     client.post("/v1/jobs", json=JOB, headers=ALICE)
-    metrics = client.get("/metrics").text
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers=ALICE).status_code == 403
+    assert client.get("/metrics", headers=ADMIN).status_code == 200
+    metrics = client.get("/metrics", headers=METRICS).text
     assert 'gpufleet_jobs{status="queued"} 1.0' in metrics
     assert 'gpufleet_queue_depth{queue="gpu.any.8"} 1.0' in metrics
 
