@@ -24,6 +24,7 @@ from app.db import leases
 from app.db.session import session_scope
 from app.domain import outcome as decision
 from app.domain.retry import accumulation_for, infra_backoff
+from app.domain.routing import DEFAULT_FRAMEWORK
 from app.domain.spec import JobSpec
 from app.domain.states import ErrorKind, JobStatus, LeaseOutcome
 from app.domain.stopping import StopReason
@@ -264,6 +265,6 @@ class Supervisor:
 
 
 def _framework(spec: dict[str, Any]) -> str:
-    """What a spare should import for a job like this one: its framework (a custom entrypoint
-    most often uses torch)."""
-    return str(spec.get("framework") or "torch")
+    """What a spare should import for a job with this stored spec (``JobSpec.effective_framework``
+    without validating it again)."""
+    return str(spec.get("framework") or DEFAULT_FRAMEWORK)

@@ -82,6 +82,21 @@ def run_in_background(
     return runner, outcome
 
 
+def claim_device(settings: Settings, identity: WorkerIdentity) -> Any:
+    """Register a simulated T4 and claim it for ``identity``, for long (no keeper runs here)."""
+    from app.db import devices as device_rows
+    from tests.conftest import device_record
+
+    assert identity.device_uuid is not None
+    record = device_record(identity.device_uuid, gpu_type="T4", gib=16)
+    with session_scope(settings.database_url) as s:
+        device_rows.register_devices(session=s, devices=[record])
+        assert device_rows.claim_device(
+            session=s, uuids=[record.uuid], worker=identity.worker, ttl=600
+        )
+    return record
+
+
 def make_due(settings: Settings, job_id: uuid.UUID) -> None:
     with session_scope(settings.database_url) as s:
         s.execute(text("UPDATE jobs SET retry_at = now() WHERE id = :j"), {"j": job_id})
@@ -266,18 +281,11 @@ def test_a_supervisor_that_cannot_renew_kills_its_trainer_before_the_lease_expir
 def test_a_worker_that_loses_its_gpu_stops_the_trainer_and_hands_the_job_back(
     fi_settings: Settings,
 ) -> None:
-    from app.db import devices as device_rows
-    from tests.conftest import device_record
     from tests.e2e.fleet import cmdline, descendants
 
     # Given a job running on a device its worker has claimed (for long: no keeper runs here)
     identity = WorkerIdentity(worker=IDENTITY.worker, device_uuid="GPU-sim-0", cuda=False)
-    record = device_record("GPU-sim-0", gpu_type="T4", gib=16)
-    with session_scope(fi_settings.database_url) as s:
-        device_rows.register_devices(session=s, devices=[record])
-        assert device_rows.claim_device(
-            session=s, uuids=[record.uuid], worker=identity.worker, ttl=600
-        )
+    record = claim_device(fi_settings, identity)
     job_id = submit(fi_settings, spec(faults={"step_delay_s": 0.2}, training={"epochs": 50}))
     runner, outcome = run_in_background(fi_settings, job_id, until_step=2, identity=identity)
     trainers = [p for p in descendants(os.getpid()) if "workers.trainers.main" in cmdline(p)]
@@ -417,20 +425,13 @@ def _alive(pid: int) -> bool:
 def test_a_drain_and_a_lost_device_together_end_as_a_lost_device_whichever_comes_first(
     fi_settings: Settings, tmp_path: Path, first: str
 ) -> None:
-    from app.db import devices as device_rows
-    from tests.conftest import device_record
 
     # Given a job between two slow steps on a claimed device, on a worker with a drain flag
     flag = tmp_path / "drain"
     identity = WorkerIdentity(
         worker=IDENTITY.worker, device_uuid="GPU-sim-0", cuda=False, drain_file=flag
     )
-    record = device_record("GPU-sim-0", gpu_type="T4", gib=16)
-    with session_scope(fi_settings.database_url) as s:
-        device_rows.register_devices(session=s, devices=[record])
-        assert device_rows.claim_device(
-            session=s, uuids=[record.uuid], worker=identity.worker, ttl=600
-        )
+    claim_device(fi_settings, identity)
     job_id = submit(fi_settings, spec(faults={"step_delay_s": 1.5}, training={"epochs": 50}))
     runner, outcome = run_in_background(fi_settings, job_id, until_step=1, identity=identity)
 
@@ -524,16 +525,10 @@ def test_a_gpu_fault_marks_the_device_suspect_and_sends_the_job_elsewhere_at_onc
     fi_settings: Settings,
 ) -> None:
     from app.db import devices as device_rows
-    from tests.conftest import device_record
 
     # Given a job on a claimed device, whose third step hits an uncorrectable ECC error
     identity = WorkerIdentity(worker=IDENTITY.worker, device_uuid="GPU-sim-0", cuda=False)
-    record = device_record("GPU-sim-0", gpu_type="T4", gib=16)
-    with session_scope(fi_settings.database_url) as s:
-        device_rows.register_devices(session=s, devices=[record])
-        assert device_rows.claim_device(
-            session=s, uuids=[record.uuid], worker=identity.worker, ttl=600
-        )
+    record = claim_device(fi_settings, identity)
     job_id = submit(fi_settings, spec(faults={"fail_at_step": 3, "fail_with": "gpu_fault"}))
     # When it runs
     assert Supervisor(fi_settings, identity).run(job_id) == Outcome.REQUEUED
