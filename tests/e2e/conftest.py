@@ -20,6 +20,10 @@ E2E_TIMINGS = {
     "GPUFLEET_REAPER_INTERVAL": "0.5",
     "GPUFLEET_REDISPATCH_AFTER": "3",
     "GPUFLEET_TELEMETRY_INTERVAL": "1",
+    # Spare trainers import torch in the background after every job: on the 2 cores these tests
+    # get, a fleet of several workers would spend them on imports. `gpufleet up`'s tests keep the
+    # default (on), and tests/integration/test_supervisor.py covers the spare itself.
+    "GPUFLEET_WARM_SPARE": "0",
 }
 
 

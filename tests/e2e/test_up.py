@@ -110,7 +110,12 @@ class Up:
 
 
 def test_up_runs_api_reaper_and_a_worker_per_gpu(fleet_env: dict[str, str], tmp_path: Path) -> None:
-    env = {**fleet_env, "GPUFLEET_FAKE_GPUS": "A100:80,T4:16", "GPUFLEET_HOSTNAME": "up-host"}
+    env = {
+        **fleet_env,
+        "GPUFLEET_FAKE_GPUS": "A100:80,T4:16",
+        "GPUFLEET_HOSTNAME": "up-host",
+        "GPUFLEET_WARM_SPARE": "1",  # (the README's run command, as it comes)
+    }
     up = Up.start(env, tmp_path / "up.log")
     try:
         devices = up.alive_devices(2)
