@@ -34,6 +34,9 @@ Feed = Callable[[bytes], None]
 
 #: the longest the loop sleeps between ticks (drain checks, log flushes, stop escalation).
 TICK_S = 0.5
+#: the checks (cancel doorbell, drain flag, runtime limit, log flush, stop escalation) run at
+#: most this often: every trainer message wakes the loop, and a step may report many per second.
+CHECK_S = 0.1
 #: after the trainer exits, how long its remaining output may take to arrive.
 DRAIN_OUTPUT_S = 2.0
 
@@ -89,8 +92,12 @@ def watch(trainer: TrainerProcess, writer: LeaseWriter, cfg: WatchSettings) -> T
         sel.register(fd, selectors.EVENT_READ)
     deadline.start()
     try:
+        next_check = 0.0
         while trainer.poll() is None:
             _read(sel, streams, timeout=min(heartbeat.seconds_left(), TICK_S))
+            if time.monotonic() < min(next_check, heartbeat.next_at):
+                continue
+            next_check = time.monotonic() + CHECK_S
             shipper.tick()
             if cancel.rang():
                 heartbeat.due_now()
