@@ -109,14 +109,17 @@ def test_a_token_given_to_two_tenants_is_a_settings_error_that_does_not_print_it
     assert "s3cr3t" not in message
 
 
-def _median_s(auth: Auth, token: str, rounds: int = 3000) -> float:
-    times = []
+def _medians_s(auth: Auth, first: str, second: str, rounds: int = 3000) -> tuple[float, float]:
+    """Both tokens timed in alternation, so a burst of load on a shared CI machine falls on
+    both medians alike rather than on whichever ran second."""
+    times: dict[str, list[int]] = {first: [], second: []}
     for _ in range(rounds):
-        start = time.perf_counter_ns()
-        with contextlib.suppress(ApiError):
-            auth.caller(token)
-        times.append(time.perf_counter_ns() - start)
-    return statistics.median(times)
+        for token in (first, second):
+            start = time.perf_counter_ns()
+            with contextlib.suppress(ApiError):
+                auth.caller(token)
+            times[token].append(time.perf_counter_ns() - start)
+    return statistics.median(times[first]), statistics.median(times[second])
 
 
 def test_a_wrong_token_and_a_right_one_take_the_same_time(settings: Settings) -> None:
@@ -124,9 +127,11 @@ def test_a_wrong_token_and_a_right_one_take_the_same_time(settings: Settings) ->
     auth = Auth(settings.model_copy(update={"api_tokens": tokens}))
     right = "token-0000-" + "x" * 40  # the first one listed: an early exit would show
     wrong = "token-9999-" + "x" * 40
-    _median_s(auth, right, 200)  # warm up
-    a, b = _median_s(auth, right), _median_s(auth, wrong)
-    assert 0.75 < a / b < 1.33, (a, b)
+    _medians_s(auth, right, wrong, 200)  # warm up
+    a, b = _medians_s(auth, right, wrong)
+    # An early exit on the first of 200 tokens would make the right one ~1/50 of the wrong
+    # one; the band is wide enough for a loaded machine and far from that.
+    assert 0.5 < a / b < 2.0, (a, b)
 
 
 def test_bodies_over_the_limit_get_413_and_text_fields_have_limits(client: TestClient) -> None:
