@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     reaper_batch: int = Field(default=100, ge=1)
     #: keep a trainer started ahead of the next job, its framework imported (workers).
     warm_spare: bool = True
+    #: how long a worker of a scarce GPU type lets a job that a more plentiful, idle type also
+    #: fits wait for that type before it takes the job itself (0: never defer).
+    scarce_defer_s: float = Field(default=1.5, ge=0, le=60)
     #: frameworks this worker offers, comma-separated (torch, tensorflow); blank: every one
     #: installed. Naming one that is not installed stops the worker at start.
     worker_frameworks: str = ""

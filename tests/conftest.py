@@ -6,7 +6,7 @@ stops them at the end, so two runs side by side, or a run beside a fleet, never 
 ``GPUFLEET_TEST_PG`` (``host:port``, superuser ``postgres`` without password) or
 ``GPUFLEET_TEST_REDIS`` (``redis://host:port``) to use servers you started instead: the suite
 then creates and drops its own databases on that Postgres, and empties Redis databases 13 and
-14 of that Redis.
+14 of that Redis (12 and 11 for pytest-xdist's second process, and so on down).
 
 The schema is migrated once into a template database; each test gets a cheap clone of it
 (``CREATE DATABASE ... TEMPLATE``). A server that does not start is an error, never a skip.
@@ -183,9 +183,16 @@ def db_url(template_db: str) -> Iterator[str]:
     drop_database(name)
 
 
+def _xdist_offset() -> int:
+    """Two Redis databases per pytest-xdist process, so processes sharing a given Redis
+    (``GPUFLEET_TEST_REDIS``) never empty each other's."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return 2 * int(worker.removeprefix("gw") or 0)
+
+
 def flushed_redis(db: int) -> Iterator[str]:
     """A database of the suite's Redis, emptied before and after the test."""
-    url = f"{redis_server_url()}/{db}"
+    url = f"{redis_server_url()}/{db - _xdist_offset()}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url

@@ -7,6 +7,7 @@ import uuid
 
 from app.settings import get_settings
 from workers import identity
+from workers.deferral import defer_if_scarce
 from workers.supervisor import Supervisor
 from workers.warm_spare import WarmSpare
 
@@ -29,6 +30,9 @@ def run_job_now(job_id: str) -> str:
         log.error("run_job got %r, which is not a job id; dropped", job_id)
         return "invalid"
     settings = get_settings()
+    worker = identity.current()
+    if defer_if_scarce(settings, worker.device_uuid, parsed):
+        return "skipped"  # a device of a more plentiful type took it
     spare = SPARE if settings.warm_spare else None
-    outcome = Supervisor(settings, identity.current(), spare=spare).run(parsed)
+    outcome = Supervisor(settings, worker, spare=spare).run(parsed)
     return outcome.value
