@@ -47,3 +47,19 @@ def stamp(ctx: TrainContext) -> dict[str, Any]:
     """Print the wall-clock moment the trainer function was called (``bench/warm_start.py``)."""
     print(f"CALLED_AT {time.time():.6f}", flush=True)
     return _result(ctx)
+
+
+def sleep_steps(ctx: TrainContext) -> dict[str, Any]:
+    """A job that keeps its GPU for ``training.max_steps`` steps of 10 ms each and does nothing
+    else (``bench/replay.py``: a trace's job durations, without the CPU cost of training).
+    Prints the moment it was called; stops early, at a step, when asked to."""
+    print(f"CALLED_AT {time.time():.6f}", flush=True)
+    total = ctx.spec.training.max_steps or 1
+    started = time.monotonic()
+    for step in range(1, total + 1):
+        if ctx.should_stop():
+            raise StopRequested
+        time.sleep(max(0.0, started + step * 0.01 - time.monotonic()))
+        if step % 50 == 0 or step == total:
+            ctx.report(step, total, epoch=1, loss=0.0)
+    return _result(ctx)

@@ -480,8 +480,8 @@ def test_a_cancel_reaches_the_running_trainer_within_a_second(
 def test_a_job_past_its_max_runtime_stops_at_a_checkpoint_and_fails_timeout(
     fi_settings: Settings,
 ) -> None:
-    # Given a long job allowed 8 s per attempt (a trainer takes a few seconds to start here)
-    job = spec(faults={"step_delay_s": 0.1}, training={"epochs": 50}, max_runtime=8.0)
+    # Given a long job allowed 12 s per attempt (a trainer takes seconds to start when loaded)
+    job = spec(faults={"step_delay_s": 0.1}, training={"epochs": 50}, max_runtime=12.0)
     job_id = submit(fi_settings, job)
     # When it runs past that
     runner, outcome = run_in_background(fi_settings, job_id, until_step=1)
@@ -489,7 +489,7 @@ def test_a_job_past_its_max_runtime_stops_at_a_checkpoint_and_fails_timeout(
     # Then it stopped at a checkpoint of its last step and failed `timeout`
     assert outcome == [Outcome.FAILED]
     result = view(fi_settings, job_id)
-    assert result["error"]["kind"] == "timeout" and "max_runtime (8s)" in result["error"]["message"]
+    assert result["error"]["kind"] == "timeout" and "max_runtime (12s)" in result["error"]["message"]
     assert result["checkpoint"]["step"] == result["progress"]["step"] > 1
 
 

@@ -11,6 +11,7 @@ the control pipe, dying with its supervisor — is as for a trainer started cold
 from __future__ import annotations
 
 import importlib
+import select
 import sys
 
 from workers.trainers.lifeline import bind_to_supervisor
@@ -28,17 +29,28 @@ def _preload(framework: str) -> None:
             importlib.import_module(module)
         except ImportError:
             return  # not installed here: the job will say so when it runs
-    if framework == "torch":
+    if framework == "torch" and not _launch_waiting():
         import torch
 
-        # The first optimizer a process builds imports torch's compiler stack (~3 s here):
-        # pay it now. No random numbers are drawn, so a job's seeded run is unchanged.
+        # The first optimizer a process builds imports torch's compiler stack (~1.2 s of CPU
+        # here): pay it now, unless the job is already waiting (a busy fleet: it would only
+        # delay that job, which may never build an optimizer). No random numbers are drawn, so a
+        # job's seeded run is unchanged.
         weight = torch.nn.Parameter(torch.zeros(1))
         optimizer = torch.optim.Adam([weight])
         torch.autograd.backward(weight.sum())
         optimizer.step()
         if torch.cuda.is_available():
             torch.cuda.init()  # type: ignore[no-untyped-call]
+
+
+def _launch_waiting() -> bool:
+    """Whether the launch line (or end of file) is already there to read."""
+    try:
+        ready, _, _ = select.select([sys.stdin], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return bool(ready)
 
 
 def main(argv: list[str] | None = None) -> int:
