@@ -489,7 +489,8 @@ def test_a_job_past_its_max_runtime_stops_at_a_checkpoint_and_fails_timeout(
     # Then it stopped at a checkpoint of its last step and failed `timeout`
     assert outcome == [Outcome.FAILED]
     result = view(fi_settings, job_id)
-    assert result["error"]["kind"] == "timeout" and "max_runtime (12s)" in result["error"]["message"]
+    assert result["error"]["kind"] == "timeout"
+    assert "max_runtime (12s)" in result["error"]["message"]
     assert result["checkpoint"]["step"] == result["progress"]["step"] > 1
 
 
