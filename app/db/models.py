@@ -60,7 +60,8 @@ class Job(Base):
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"))
     spec: Mapped[dict[str, Any]] = mapped_column(JSONB)
-    queue: Mapped[str] = mapped_column(String(100))
+    #: one queue, or a job's alternatives' queues separated by spaces (``routing.job_queue``).
+    queue: Mapped[str] = mapped_column(String(500))
     priority: Mapped[int] = mapped_column(SmallInteger)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     spec_hash: Mapped[str] = mapped_column(String(64))

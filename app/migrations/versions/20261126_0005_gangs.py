@@ -1,0 +1,33 @@
+"""jobs with alternative GPU types: a stored queue names each of their queues
+
+Revision ID: 0005
+Revises: 0003
+Create Date: 2026-11-26 17:30:00.000000
+
+A job whose ``gpu_type`` lists alternatives waits in one queue per type, stored together in
+``jobs.queue`` separated by spaces (up to ``MAX_GPU_TYPES`` names of at most 51 characters).
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0005"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.alter_column(
+        "jobs", "queue", type_=sa.String(length=500), existing_type=sa.String(length=100)
+    )
+
+
+def downgrade() -> None:
+    # a job stored with several queues keeps its first: it still runs, on that type only
+    op.execute("UPDATE jobs SET queue = split_part(queue, ' ', 1) WHERE length(queue) > 100")
+    op.alter_column(
+        "jobs", "queue", type_=sa.String(length=100), existing_type=sa.String(length=500)
+    )
