@@ -199,6 +199,10 @@ class Device(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(TZ)
     expires_at: Mapped[datetime | None] = mapped_column(TZ)
     current_job: Mapped[UUID | None] = mapped_column()
+    #: the job whose gang holds this device, and the gang lease's epoch (``app.db.gangs``):
+    #: while set, no other job starts here.
+    gang_job: Mapped[UUID | None] = mapped_column()
+    gang_epoch: Mapped[int | None] = mapped_column(Integer)
     last_sample: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     sampled_at: Mapped[datetime | None] = mapped_column(TZ)
     #: set when a job failed with a GPU/driver fault; no job starts here until the device's
