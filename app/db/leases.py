@@ -114,7 +114,8 @@ class Beat:
 
     cancel_requested: bool
     #: False once the lease's device is no longer claimed by the lease's worker (the claim
-    #: expired or another worker took the GPU): the job must leave the device at once.
+    #: expired or another worker took the GPU), or, for a gang, once any member's worker went
+    #: silent: the job must leave its devices at once (the whole gang is fenced).
     device_held: bool
 
 
@@ -129,10 +130,15 @@ def heartbeat(*, session: Session, job_id: uuid.UUID, epoch: int, ttl: float) ->
              WHERE l.job_id = :job_id AND l.epoch = :epoch AND l.released_at IS NULL
                AND {FENCE}
             RETURNING j.cancel_requested,
-                      l.device_uuid IS NULL OR EXISTS (
+                      (l.device_uuid IS NULL OR EXISTS (
                           SELECT 1 FROM devices d
                            WHERE d.uuid = l.device_uuid AND d.worker = l.worker
-                             AND d.expires_at > now()) AS device_held
+                             AND d.expires_at > now()))
+                      -- a gang: every member's worker must still be alive
+                      AND NOT EXISTS (
+                          SELECT 1 FROM devices g
+                           WHERE g.gang_job = l.job_id AND g.gang_epoch = l.epoch
+                             AND (g.worker IS NULL OR g.expires_at <= now())) AS device_held
             """
         ),
         {"job_id": job_id, "epoch": epoch, "ttl": ttl},

@@ -19,6 +19,7 @@ from app.db.session import session_scope
 from app.domain.spec import JobSpec
 from app.settings import Settings
 from tests.conftest import device_record
+from workers.reaper import Reaper
 
 HOSTS = {"host-4": ["GPU-a0", "GPU-a1", "GPU-a2", "GPU-a3"], "host-2": ["GPU-t0", "GPU-t1"]}
 HOST_OF = {uuid_: host for host, uuids in HOSTS.items() for uuid_ in uuids}
@@ -220,3 +221,46 @@ def test_racing_gangs_and_singles_never_oversubscribe_a_device(fleet: Settings) 
             s.execute(text("UPDATE jobs SET status = 'cancelled', finished_at = now()"))
             gangs.free_ended_gangs(session=s, limit=10)
             s.execute(text("UPDATE devices SET current_job = NULL"))
+
+
+def test_a_silent_member_fences_the_gang_and_the_reaper_frees_its_devices(
+    fleet: Settings,
+) -> None:
+    # Given a gang of 2 on host-4, led from GPU-a0
+    grant = _gang(fleet, _submit(fleet, gpu_count=2), "GPU-a0", 2)
+    assert grant is not None
+    with session_scope(fleet.database_url) as s:
+        beat = leases.heartbeat(session=s, job_id=grant.job_id, epoch=grant.epoch, ttl=60)
+        assert beat is not None and beat.device_held
+        # When the other member's worker stops heartbeating (killed, or SIGSTOP'd)
+        s.execute(
+            text("UPDATE devices SET expires_at = now() - interval '1 s' WHERE uuid = 'GPU-a1'")
+        )
+    # Then the leader's next heartbeat says to leave: the whole gang stops
+    with session_scope(fleet.database_url) as s:
+        beat = leases.heartbeat(session=s, job_id=grant.job_id, epoch=grant.epoch, ttl=60)
+        assert beat is not None and not beat.device_held
+    # And once the gang's lease is gone (reaped), a reaper pass frees its devices
+    with session_scope(fleet.database_url) as s:
+        s.execute(
+            text("UPDATE leases SET expires_at = now() - interval '1 minute' WHERE job_id = :j"),
+            {"j": grant.job_id},
+        )
+    Reaper(fleet.model_copy(update={"reaper_grace": 0})).pass_once()
+    assert all(job is None for job, _ in _gang_rows(fleet).values())
+    with session_scope(fleet.database_url) as s:
+        assert s.scalar(text("SELECT status FROM jobs WHERE id = :j"), {"j": grant.job_id}) == (
+            "queued"
+        )
+
+
+def test_devices_show_which_a_gang_holds(fleet: Settings) -> None:
+    grant = _gang(fleet, _submit(fleet, gpu_count=2), "GPU-a3", 2)
+    assert grant is not None
+    with session_scope(fleet.database_url) as s:
+        shown = {
+            d["uuid"]: (d["gang"], d["current_job"]) for d in device_rows.list_devices(session=s)
+        }
+    held = {u for u, (gang, job) in shown.items() if gang and job == str(grant.job_id)}
+    assert held == {"GPU-a0", "GPU-a3"}
+    assert not any(gang for u, (gang, _) in shown.items() if u not in held)
