@@ -319,7 +319,7 @@ def register(cli: typer.Typer) -> None:
                 d["type"],
                 f"{d['memory_gb']:.1f} GiB",
                 d.get("worker") or "-",
-                d.get("current_job") or "-",
+                (d.get("current_job") or "-") + (" (gang)" if d.get("gang") else ""),
                 "-" if util is None else f"{util:.0%}",
                 "yes" if d["simulated"] else "no",
             )

@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
+from app.domain.routing import split_queues
 from app.domain.spec import MAX_PRIORITY
 from app.settings import Settings
 
@@ -75,23 +76,30 @@ class Dispatcher:
         self._app = make_sender(settings)
 
     def dispatch(self, *, job_id: uuid.UUID, queue: str, priority: int) -> bool:
-        try:
-            # The anonymous exchange ("") routes by queue name alone. A named exchange needs
-            # bindings kept in Redis, and those vanish when Redis loses its data.
-            self._app.send_task(
-                RUN_JOB_TASK,
-                args=[str(job_id)],
-                queue=direct_queue(queue),
-                priority=MAX_PRIORITY - priority,
-                retry=True,
-                retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
-            )
-        except Exception as exc:  # the broker is down: the reaper is the outbox
-            log.warning(
-                "dispatch of job %s to %s failed (%s); the reaper will retry", job_id, queue, exc
-            )
-            return False
-        return True
+        """Send the wake-up to the job's stored ``queue``: to each of its queues when it names
+        several (a job with alternative GPU types); the lease decides who runs it."""
+        sent = True
+        for name in split_queues(queue):
+            try:
+                # The anonymous exchange ("") routes by queue name alone. A named exchange needs
+                # bindings kept in Redis, and those vanish when Redis loses its data.
+                self._app.send_task(
+                    RUN_JOB_TASK,
+                    args=[str(job_id)],
+                    queue=direct_queue(name),
+                    priority=MAX_PRIORITY - priority,
+                    retry=True,
+                    retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+                )
+            except Exception as exc:  # the broker is down: the reaper is the outbox
+                log.warning(
+                    "dispatch of job %s to %s failed (%s); the reaper will retry",
+                    job_id,
+                    name,
+                    exc,
+                )
+                sent = False
+        return sent
 
     def pending(self, queue: str) -> int | None:
         """Wake-ups waiting in the broker for ``queue`` (every priority step), or None if the

@@ -125,7 +125,13 @@ class Outcome:
 class Trainer:
     """A started trainer process; ``stop()``, ``kill()``, ``send_signal()`` act on it."""
 
-    def __init__(self, the_launch: Launch, workdir: Path, raw_json: str | None = None) -> None:
+    def __init__(
+        self,
+        the_launch: Launch,
+        workdir: Path,
+        raw_json: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.launch_path = workdir / f"launch-e{the_launch.epoch}-a{the_launch.attempt}.json"
         if raw_json is None:
@@ -135,7 +141,12 @@ class Trainer:
         self.stdout_path = self.launch_path.with_suffix(".out")
         self.stderr_path = self.launch_path.with_suffix(".err")
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, CONTROL_FD_ENV: str(write_fd), "PYTHONPATH": str(ROOT)}
+        env = {
+            **os.environ,
+            CONTROL_FD_ENV: str(write_fd),
+            "PYTHONPATH": str(ROOT),
+            **(env or {}),
+        }
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "workers.trainers.main", str(self.launch_path)],

@@ -23,7 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import health
-from app.db import reaping
+from app.db import gangs, reaping
 from app.db.session import session_scope
 from app.domain.states import JobStatus
 from app.queue import Dispatcher
@@ -95,6 +95,9 @@ class Reaper:
         for uuid in freed:
             log.warning("device %s: its worker stopped heartbeating; freed", uuid)
         report.devices_freed = len(freed)
+        with session_scope(url) as session:
+            for uuid in gangs.free_ended_gangs(session=session, limit=limit):
+                log.warning("device %s: its gang's lease ended; freed", uuid)
         with session_scope(url) as session:
             unschedulable = reaping.fail_unschedulable(session=session, limit=limit)
         for u in unschedulable:

@@ -188,6 +188,10 @@ class DeviceOut(_Out):
     current_job: str | None = Field(
         description="The job it runs: shown only to its tenant and to admins."
     )
+    gang: bool = Field(
+        default=False,
+        description="Held by a multi-GPU job's gang (every member shows the gang's job).",
+    )
     sample: dict[str, Any] | None
     sampled_at: datetime | None
     heartbeat_at: datetime | None

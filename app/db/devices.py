@@ -258,6 +258,7 @@ def list_devices(*, session: Session) -> list[dict[str, Any]]:
             SELECT uuid, host, index, name, gpu_type, memory_bytes, pci_bus_id, simulated,
                    CASE WHEN expires_at >= now() THEN worker END AS worker,
                    CASE WHEN expires_at >= now() THEN current_job END AS current_job,
+                   gang_job IS NOT NULL AS gang,
                    expires_at >= now() AS alive, last_sample, sampled_at, heartbeat_at,
                    suspect_since, suspect_reason, frameworks
               FROM devices ORDER BY host, index
@@ -277,6 +278,7 @@ def list_devices(*, session: Session) -> list[dict[str, Any]]:
             "worker": r.worker,
             "alive": bool(r.alive),
             "current_job": None if r.current_job is None else str(r.current_job),
+            "gang": bool(r.gang),
             "sample": r.last_sample,
             "sampled_at": None if r.sampled_at is None else r.sampled_at.isoformat(),
             "heartbeat_at": None if r.heartbeat_at is None else r.heartbeat_at.isoformat(),

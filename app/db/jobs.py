@@ -23,7 +23,13 @@ from sqlalchemy.orm import Session
 
 from app.db.events import add_event
 from app.db.models import Device, Job
-from app.domain.routing import DEFAULT_FRAMEWORK, RoutingError, device_fits
+from app.domain.routing import (
+    DEFAULT_FRAMEWORK,
+    RoutingError,
+    describe_types,
+    device_fits,
+    split_queues,
+)
 from app.domain.spec import SPEC_VERSION, JobSpec
 from app.domain.states import EventKind, JobStatus
 
@@ -323,6 +329,14 @@ def _fitting(spec: dict[str, Any], devices: _DeviceSizes) -> list[FleetDevice]:
         return []
 
 
+def _types_text(stored: Any) -> str:
+    """A stored spec's ``gpu_type`` as messages name it (``V100 or T4``)."""
+    try:
+        return describe_types(stored)
+    except (RoutingError, TypeError):
+        return str(stored)
+
+
 def no_fit_reason(spec: dict[str, Any], devices: _DeviceSizes) -> str | None:
     """Why no registered device could ever run a job with this stored spec, or None."""
     if not devices:
@@ -332,7 +346,7 @@ def no_fit_reason(spec: dict[str, Any], devices: _DeviceSizes) -> str | None:
     resources = spec.get("resources") or {}
     have = ", ".join(sorted({f"{d.gpu_type}:{d.memory_bytes / 2**30:.0f}GiB" for d in devices}))
     return (
-        f"no registered device fits gpu_type={resources.get('gpu_type', 'any')} "
+        f"no registered device fits gpu_type={_types_text(resources.get('gpu_type', 'any'))} "
         f"memory_gb={float(resources.get('memory_gb', 8)):g} (devices: {have})"
     )
 
@@ -579,7 +593,8 @@ def tenant_counts(*, session: Session, tenant: str) -> tuple[dict[str, int], dic
     for r in rows:
         by_status[r.status] += r.n
         if r.status == JobStatus.QUEUED.value:
-            queues[r.queue] = queues.get(r.queue, 0) + r.n
+            for queue in split_queues(r.queue):
+                queues[queue] = queues.get(queue, 0) + r.n
     return by_status, queues
 
 

@@ -42,18 +42,28 @@ class LeaseGrant:
 def acquire_lease(
     *, session: Session, job_id: uuid.UUID, worker: str, device_uuid: str | None, ttl: float
 ) -> LeaseGrant | None:
-    """Win the job if it is queued and due. None means someone else has it (or it ended)."""
+    """Win the job if it is queued and due. None means someone else has it (or it ended).
+
+    The device's row is locked and marked (``current_job``) in the same statement, and a device
+    that a gang holds is refused: a gang's lease (``app.db.gangs``) locks the same rows, so the
+    two never both take one device."""
     row = session.execute(
         text(
             f"""
-            WITH won AS (
+            WITH dev AS (
+                SELECT gang_job FROM devices WHERE uuid = CAST(:device AS text) FOR UPDATE),
+            won AS (
                 UPDATE jobs SET status = 'running', epoch = epoch + 1,
                        attempts = attempts + 1, started_at = coalesce(started_at, now()),
                        retry_at = NULL, dispatched_at = NULL
                  WHERE id = :job_id AND status = 'queued' AND NOT cancel_requested
                    AND (retry_at IS NULL OR retry_at <= now())
                    AND {DEVICE_MAY_START}
-                RETURNING id, epoch, attempts, max_attempts, spec, micro_batch)
+                   AND NOT EXISTS (SELECT 1 FROM dev WHERE gang_job IS NOT NULL)
+                RETURNING id, epoch, attempts, max_attempts, spec, micro_batch),
+            mark AS (
+                UPDATE devices SET current_job = won.id FROM won
+                 WHERE devices.uuid = CAST(:device AS text))
             INSERT INTO leases (job_id, epoch, worker, device_uuid, acquired_at, heartbeat_at,
                                 expires_at)
             SELECT id, epoch, :worker, :device, now(), now(),
@@ -104,7 +114,8 @@ class Beat:
 
     cancel_requested: bool
     #: False once the lease's device is no longer claimed by the lease's worker (the claim
-    #: expired or another worker took the GPU): the job must leave the device at once.
+    #: expired or another worker took the GPU), or, for a gang, once any member's worker went
+    #: silent: the job must leave its devices at once (the whole gang is fenced).
     device_held: bool
 
 
@@ -119,10 +130,15 @@ def heartbeat(*, session: Session, job_id: uuid.UUID, epoch: int, ttl: float) ->
              WHERE l.job_id = :job_id AND l.epoch = :epoch AND l.released_at IS NULL
                AND {FENCE}
             RETURNING j.cancel_requested,
-                      l.device_uuid IS NULL OR EXISTS (
+                      (l.device_uuid IS NULL OR EXISTS (
                           SELECT 1 FROM devices d
                            WHERE d.uuid = l.device_uuid AND d.worker = l.worker
-                             AND d.expires_at > now()) AS device_held
+                             AND d.expires_at > now()))
+                      -- a gang: every member's worker must still be alive
+                      AND NOT EXISTS (
+                          SELECT 1 FROM devices g
+                           WHERE g.gang_job = l.job_id AND g.gang_epoch = l.epoch
+                             AND (g.worker IS NULL OR g.expires_at <= now())) AS device_held
             """
         ),
         {"job_id": job_id, "epoch": epoch, "ttl": ttl},

@@ -60,7 +60,8 @@ class Job(Base):
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"))
     spec: Mapped[dict[str, Any]] = mapped_column(JSONB)
-    queue: Mapped[str] = mapped_column(String(100))
+    #: one queue, or a job's alternatives' queues separated by spaces (``routing.job_queue``).
+    queue: Mapped[str] = mapped_column(String(500))
     priority: Mapped[int] = mapped_column(SmallInteger)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     spec_hash: Mapped[str] = mapped_column(String(64))
@@ -198,6 +199,10 @@ class Device(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(TZ)
     expires_at: Mapped[datetime | None] = mapped_column(TZ)
     current_job: Mapped[UUID | None] = mapped_column()
+    #: the job whose gang holds this device, and the gang lease's epoch (``app.db.gangs``):
+    #: while set, no other job starts here.
+    gang_job: Mapped[UUID | None] = mapped_column()
+    gang_epoch: Mapped[int | None] = mapped_column(Integer)
     last_sample: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     sampled_at: Mapped[datetime | None] = mapped_column(TZ)
     #: set when a job failed with a GPU/driver fault; no job starts here until the device's

@@ -136,14 +136,16 @@ def reap_expired_leases(
 
 
 def due_per_queue(*, session: Session) -> dict[str, int]:
-    """How many queued jobs are due (may run now) in each queue."""
+    """How many queued jobs are due (may run now) in each queue. A job with alternative GPU
+    types counts in each of its queues: it has a wake-up in each."""
     rows = session.execute(
         text(
             """
-            SELECT queue, count(*) AS n FROM jobs
+            SELECT q.queue, count(*) AS n
+              FROM jobs, unnest(string_to_array(jobs.queue, ' ')) AS q(queue)
              WHERE status = 'queued' AND NOT cancel_requested
                AND (retry_at IS NULL OR retry_at <= now())
-             GROUP BY queue
+             GROUP BY q.queue
             """
         )
     ).all()
@@ -157,7 +159,8 @@ def claim_due_dispatches(
 
     This is the outbox: it covers an API that died between commit and dispatch, a retry whose
     backoff has passed, and a broker that lost its messages. Never-dispatched jobs come first,
-    then the longest-waiting; ``queue`` narrows it to one queue.
+    then the longest-waiting; ``queue`` narrows it to one queue (and the jobs with alternative
+    types that wait in it too).
     """
     rows = session.execute(
         text(
@@ -169,7 +172,9 @@ def claim_due_dispatches(
                    AND (retry_at IS NULL OR retry_at <= now())
                    AND (dispatched_at IS NULL
                         OR dispatched_at < now() - make_interval(secs => :after))
-                   AND (CAST(:queue AS text) IS NULL OR queue = :queue)
+                   AND (CAST(:queue AS text) IS NULL OR queue = :queue
+                        OR (strpos(queue, ' ') > 0
+                            AND :queue = ANY(string_to_array(queue, ' '))))
                  ORDER BY dispatched_at NULLS FIRST, priority DESC, created_at
                  LIMIT :limit
                  FOR UPDATE SKIP LOCKED)

@@ -11,7 +11,8 @@ from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.domain.routing import ANY_TYPE, TIERS, job_queue, normalize_type
+from app.domain.gangs import MAX_GPU_COUNT
+from app.domain.routing import ANY_TYPE, MAX_GPU_TYPES, TIERS, job_queue, normalize_types
 
 MAX_PRIORITY = 9  #: the most urgent priority
 DEFAULT_PRIORITY = 5
@@ -139,12 +140,17 @@ class TrainingSpec(_Strict):
     max_steps: int | None = Field(default=None, ge=1)
 
 
+#: one GPU type name as the OpenAPI document states it.
+_GpuTypeName = Annotated[
+    Text, Field(max_length=64, json_schema_extra={"pattern": "^[A-Za-z0-9]{1,32}$"})
+]
+
+
 class ResourcesSpec(_Strict):
-    gpu_type: Text = Field(
+    gpu_type: _GpuTypeName | Annotated[list[_GpuTypeName], Field(max_length=MAX_GPU_TYPES)] = Field(
         default=ANY_TYPE,
-        max_length=64,
-        description="A GPU type name (A100, T4, ...; case-insensitive) or 'any'.",
-        json_schema_extra={"pattern": "^[A-Za-z0-9]{1,32}$"},
+        description="A GPU type name (A100, T4, ...; case-insensitive), 'any', or a list "
+        "of alternatives (['V100', 'T4']: the job runs once, on whichever frees first).",
     )
     memory_gb: float = Field(
         default=8,
@@ -155,22 +161,18 @@ class ResourcesSpec(_Strict):
     gpu_count: int = Field(
         default=1,
         ge=1,
-        description="1: multi-GPU jobs are not supported yet.",
+        le=MAX_GPU_COUNT,
+        description="GPUs of one host. 1 today: a larger count is refused at submit (more "
+        "than any one host has: multi-host jobs are not supported; otherwise: gangs are not "
+        "supported yet).",
         json_schema_extra={"maximum": 1},
     )
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
 
     @field_validator("gpu_type")
     @classmethod
-    def _known_shape(cls, value: str) -> str:
-        return normalize_type(value)
-
-    @field_validator("gpu_count")
-    @classmethod
-    def _single_gpu(cls, value: int) -> int:
-        if value > 1:
-            raise ValueError("multi-GPU jobs are not supported yet: use gpu_count 1")
-        return value
+    def _known_shape(cls, value: str | list[str]) -> str | list[str]:
+        return normalize_types(value)
 
 
 class FaultSpec(_Strict):

@@ -135,7 +135,7 @@ def test_idempotency_key(client: TestClient) -> None:
         (job_with(colour="red"), 422, "unknown field 'colour'"),
         (job_with(resources={"memory_gb": -4}), 422, "resources.memory_gb"),
         (job_with(framework="jax"), 422, "framework"),
-        (job_with(resources={"gpu_count": 2}), 422, "multi-GPU jobs are not supported yet"),
+        (job_with(resources={"gpu_count": 2}), 422, "multi-GPU (gang) jobs are not supported yet"),
         (job_with(distributed_training=True), 422, "not supported yet"),
         (job_with(resources={"memory_gb": 500}), 422, "largest GPU tier"),
         (job_with(faults={"oom_above_micro_batch": 64}), 422, "GPUFLEET_FAULT_INJECTION"),

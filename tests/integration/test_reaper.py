@@ -130,3 +130,24 @@ def test_a_worker_lost_outside_an_outage_still_spends_its_attempt(settings: Sett
     with session_scope(settings.database_url) as s:
         attempts = s.scalar(text("SELECT attempts FROM jobs WHERE id = :j"), {"j": job_id})
     assert attempts == 1
+
+
+def test_a_job_with_alternative_types_gets_a_wake_up_in_each_queue_again(
+    settings: Settings, redis_url: str
+) -> None:
+    # Given a queued job that can use a V100 or a T4, its wake-ups sent to both queues
+    spec = JobSpec.model_validate({"framework": "torch", "resources": {"gpu_type": ["V100", "T4"]}})
+    dispatcher = Dispatcher(settings)
+    with session_scope(settings.database_url) as s:
+        job_id = submit_job(session=s, tenant="t", spec=spec).job_id
+        s.execute(text("UPDATE jobs SET dispatched_at = now() - interval '1 hour'"))
+    dispatcher.dispatch(job_id=job_id, queue=spec.queue, priority=5)
+    assert (dispatcher.pending("gpu.V100.8"), dispatcher.pending("gpu.T4.8")) == (1, 1)
+    reaper = Reaper(settings, dispatcher)
+    assert reaper.pass_once().dispatched == 0
+    # When Redis loses the T4 queue's wake-up
+    redis.Redis.from_url(redis_url).delete("gpu.T4.8:4")
+    # Then a pass sends the job's wake-ups again, and each of its queues holds one
+    assert reaper.pass_once().dispatched == 1
+    assert dispatcher.pending("gpu.T4.8") == 1
+    assert dispatcher.pending("gpu.V100.8") >= 1

@@ -7,7 +7,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from app.domain import retry, routing
+from app.domain import gangs, retry, routing
 from app.domain.spec import JobSpec, SpecPolicyError, check_policy
 
 
@@ -57,19 +57,52 @@ def test_spec_routes_case_insensitively() -> None:
     assert spec.queue == "gpu.A100.40"
 
 
+def test_alternative_types_wait_in_each_fitting_queue() -> None:
+    # Given a job that can use a V100 or a T4 (the trace's "V100 16 GB or T4")
+    spec = JobSpec.model_validate(
+        {"framework": "torch", "resources": {"gpu_type": ["v100", "T4", "V100"], "memory_gb": 12}}
+    )
+    # Then the types are normalized once each, in the order given, and it waits in both queues
+    assert spec.resources.gpu_type == ["V100", "T4"]
+    assert routing.split_queues(spec.queue) == ["gpu.V100.16", "gpu.T4.16"]
+    tf = spec.model_copy(update={"framework": "tensorflow"})
+    assert routing.split_queues(tf.queue) == ["gpu.V100.16.tensorflow", "gpu.T4.16.tensorflow"]
+
+
+def test_a_list_with_any_is_any_and_a_list_of_one_is_that_type() -> None:
+    assert routing.normalize_types(["T4", "any"]) == "any"
+    assert routing.normalize_types(["t4"]) == "T4"
+    assert routing.describe_types(["V100", "T4"]) == "V100 or T4"
+    one = JobSpec.model_validate({"framework": "torch", "resources": {"gpu_type": ["a100"]}})
+    assert one.queue == "gpu.A100.8"
+
+
+def test_a_device_fits_a_job_that_lists_its_type() -> None:
+    fits = {
+        device: routing.device_fits(
+            device_type=device, device_memory_gib=15, job_type=["V100", "T4"], job_memory_gb=12
+        )
+        for device in ("T4", "V100", "A10")
+    }
+    assert fits == {"T4": True, "V100": True, "A10": False}
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
         ({"framework": "torch", "colour": "red"}, "colour"),
         ({"framework": "torch", "resources": {"memory_gb": -1}}, "memory_gb"),
         ({"framework": "jax"}, "framework"),
-        ({"framework": "torch", "resources": {"gpu_count": 2}}, "not supported yet"),
+        ({"framework": "torch", "resources": {"gpu_count": 17}}, "gpu_count"),
         ({"framework": "torch", "distributed_training": True}, "not supported yet"),
         ({}, "framework"),
         ({"framework": "torch", "entrypoint": "os.system"}, "package.module:function"),
         ({"framework": "torch", "data": {"source": "file", "path": "../etc/x.npz"}}, ".."),
         ({"framework": "torch", "priority": 10}, "priority"),
         ({"framework": "torch", "resources": {"gpu_type": "A100; rm"}}, "gpu_type"),
+        ({"framework": "torch", "resources": {"gpu_type": []}}, "empty list"),
+        ({"framework": "torch", "resources": {"gpu_type": ["T4", "A1 00"]}}, "gpu_type"),
+        ({"framework": "torch", "resources": {"gpu_type": ["T4"] * 9}}, "gpu_type"),
         ({"framework": "torch", "name": "nightly\x00run"}, "control character '\\x00'"),
         ({"framework": "torch", "name": "a\x1b[2Jb"}, "at position 1"),
         ({"framework": "torch", "data": {"source": "file", "path": "x\x00.npz"}}, "data.path"),
@@ -113,3 +146,13 @@ def test_oom_backoff_halves_down_to_one_keeping_the_effective_batch() -> None:
     assert tries == [256, 128, 64, 32, 16, 8, 4, 2, 1]  # log2(256) + 1 tries
     assert retry.accumulation_for(256, 64) == 4
     assert retry.accumulation_for(100, 12) == 9  # ceil: the last micro-batch is short
+
+
+def test_a_gang_larger_than_every_host_is_refused_naming_the_largest() -> None:
+    hosts = {"host-4": 4, "host-2": 2}
+    assert gangs.host_refusal(gpu_count=4, fitting_per_host=hosts, wanted="x") is None
+    refusal = gangs.host_refusal(gpu_count=5, fitting_per_host=hosts, wanted="gpu_type=any")
+    assert refusal is not None and "largest has 4" in refusal and "(host-4)" in refusal
+    # An empty fleet may still be starting: nothing is refused for its size
+    assert gangs.host_refusal(gpu_count=5, fitting_per_host={}, wanted="x") is None
+    assert gangs.gang_refusal(gpu_count=1, fitting_per_host={}, wanted="x") is None

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.domain.spec import JobSpec, ModelSpec
-from workers.trainers import checkpoints
+from workers.trainers import checkpoints, distributed
 from workers.trainers.context import TrainContext
 from workers.trainers.data import Dataset, load_dataset
 from workers.trainers.errors import StopRequested, WorkerError
@@ -201,8 +201,21 @@ def _tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 def train(ctx: TrainContext) -> dict[str, Any]:
     # cuBLAS needs this before its first handle for deterministic algorithms.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    ranks = distributed.Ranks.from_env()
+    device = distributed.start(ranks, torch.device(ctx.device))
+    try:
+        return _train(ctx, ranks, device)
+    finally:
+        distributed.stop(ranks)
+
+
+def _train(ctx: TrainContext, ranks: distributed.Ranks, device: torch.device) -> dict[str, Any]:
+    """Train; with several ranks (a gang), DistributedDataParallel: each rank takes its shard
+    of every batch, each shard's loss is its row sum over the *global* batch's row count times
+    the ranks (DDP averages the gradients), so the step is the full-batch step, as on one
+    process, up to float summation order. Rank 0 writes checkpoints and the model; every rank
+    resumes from the same checkpoint, so the positions and RNG states are the same on all."""
     spec, training = ctx.spec, ctx.spec.training
-    device = torch.device(ctx.device)
     amp_dtype, fp16 = _configure(ctx, device)
     x_all, y_all = _tensors(load_dataset(spec.model, spec.data, ctx.data_root))
     rows, batch, micro = x_all.shape[0], ctx.batch_size, ctx.micro_batch
@@ -215,9 +228,13 @@ def train(ctx: TrainContext) -> dict[str, Any]:
         return _Run.resume(spec, device, fp16, state)
 
     run = ctx.load_checkpoint(restore) or _Run.fresh(spec, device, fp16)
+    net: nn.Module = run.model
+    if ranks.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(run.model)
     ctx.log(
         f"torch mlp on {device}: {rows} rows, {total} steps, batch {batch} = "
         f"{ctx.accumulation} x micro-batch {micro}, from step {run.step}"
+        + (f", rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else "")
     )
 
     def autocast() -> contextlib.AbstractContextManager[Any]:
@@ -228,17 +245,25 @@ def train(ctx: TrainContext) -> dict[str, Any]:
     def optimizer_step(xb: torch.Tensor, yb: torch.Tensor) -> float:
         run.optimizer.zero_grad(set_to_none=True)
         batch_rows = xb.shape[0]
+        xs, ys = distributed.shard(xb, ranks), distributed.shard(yb, ranks)
         loss_total = torch.zeros((), device=device)
-        for start in range(0, batch_rows, micro):
-            xc = xb[start : start + micro].to(device, non_blocking=True)
-            yc = yb[start : start + micro].to(device, non_blocking=True)
-            with autocast():
-                loss = _batch_loss(run.model(xc), yc, spec.model) / batch_rows
-            if run.scaler is not None:
-                torch.autograd.backward(run.scaler.scale(loss))
-            else:
-                torch.autograd.backward(loss)
+        # at least one pass, even on an empty shard: every rank must join the all-reduce
+        starts = list(range(0, max(xs.shape[0], 1), micro))
+        for start in starts:
+            xc = xs[start : start + micro].to(device, non_blocking=True)
+            yc = ys[start : start + micro].to(device, non_blocking=True)
+            last = start == starts[-1]
+            sync = contextlib.nullcontext() if last or ranks.world == 1 else net.no_sync()  # type: ignore[operator]
+            with sync:
+                with autocast():
+                    loss = _batch_loss(net(xc), yc, spec.model) / batch_rows
+                scaled = loss * ranks.world  # DDP averages over the ranks
+                if run.scaler is not None:
+                    torch.autograd.backward(run.scaler.scale(scaled))
+                else:
+                    torch.autograd.backward(scaled)
             loss_total += loss.detach()
+        distributed.total(loss_total, ranks)
         if run.scaler is not None:
             run.scaler.step(run.optimizer)
             run.scaler.update()
@@ -247,6 +272,8 @@ def train(ctx: TrainContext) -> dict[str, Any]:
         return float(loss_total)
 
     def checkpoint() -> None:
+        if not ranks.leader:
+            return
         ctx.save_checkpoint(run.state(device, micro))
         if device.type == "cuda":
             ctx.report_gpu_memory(torch.cuda.max_memory_allocated())
@@ -259,7 +286,7 @@ def train(ctx: TrainContext) -> dict[str, Any]:
             run.loss_sum, run.loss_steps = 0.0, 0
         order = epoch_order(rows, training.seed, run.epoch)
         while run.position < steps_per_epoch and run.step < total:
-            if ctx.should_stop():
+            if distributed.any_rank(ctx.should_stop(), ranks, device):
                 if ctx.last_saved_step != run.step and run.step > 0:
                     checkpoint()
                 raise StopRequested
@@ -275,19 +302,26 @@ def train(ctx: TrainContext) -> dict[str, Any]:
             ctx.report(run.step, total, run.epoch + 1, loss=loss, samples_per_sec=speed)
             ctx.faults.after_step()
 
-    return _finish(ctx, run, device, x_all, y_all)
+    return _finish(ctx, run, device, x_all, y_all, write=ranks.leader)
 
 
 def _finish(
-    ctx: TrainContext, run: _Run, device: torch.device, x: torch.Tensor, y: torch.Tensor
+    ctx: TrainContext,
+    run: _Run,
+    device: torch.device,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    write: bool = True,
 ) -> dict[str, Any]:
     path = ctx.checkpoint_dir / f"model-e{ctx.epoch}.pt"
     state = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
 
-    def write(fileobj: BinaryIO) -> None:
+    def write_model(fileobj: BinaryIO) -> None:
         torch.save(state, fileobj)
 
-    checkpoints.atomic_write_file(path, write)
+    if write:
+        checkpoints.atomic_write_file(path, write_model)
     metrics: dict[str, float] = {"steps": float(run.step)}
     if ctx.spec.model.task == "classification":
         metrics["accuracy"] = _accuracy(run.model, x, y, ctx.micro_batch, device)

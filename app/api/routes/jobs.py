@@ -34,9 +34,11 @@ from app.api.streams import LOG_PAGE, StreamHub, event_stream, log_stream
 from app.db import jobs as job_rows
 from app.db.devices import list_devices
 from app.db.events import list_events
+from app.db.hosts import fitting_per_host
 from app.db.logs import LogChunk, read_log_page, read_logs
 from app.db.session import open_session, session_scope
-from app.domain.routing import RoutingError, device_fits
+from app.domain.gangs import gang_refusal
+from app.domain.routing import RoutingError, describe_types, device_fits
 from app.domain.spec import JobSpec, SpecPolicyError, check_policy
 from app.domain.states import JobStatus
 from app.queue import Dispatcher
@@ -73,6 +75,22 @@ def _checked(spec: JobSpec, settings: Settings) -> str:
         return spec.queue
     except (SpecPolicyError, RoutingError) as exc:
         raise ApiError(422, "invalid_request", str(exc)) from None
+
+
+def _gang_checked(session: Session, spec: JobSpec) -> None:
+    """A job of several GPUs: refused when no host could hold it (or, today, at all)."""
+    resources = spec.resources
+    if resources.gpu_count == 1:
+        return
+    refusal = gang_refusal(
+        gpu_count=resources.gpu_count,
+        fitting_per_host=fitting_per_host(
+            session=session, gpu_type=resources.gpu_type, memory_gb=resources.memory_gb
+        ),
+        wanted=f"gpu_type={describe_types(resources.gpu_type)} memory_gb={resources.memory_gb:g}",
+    )
+    if refusal:
+        raise ApiError(422, "invalid_request", refusal)
 
 
 def _resolve(session: Session, scope: str | None, raw: str) -> uuid.UUID:
@@ -151,6 +169,7 @@ def submit(
         raise ApiError(403, "forbidden", "admin tokens do not submit jobs: use a tenant token")
     _checked(spec, settings)
     with open_session(settings.database_url) as session:
+        _gang_checked(session, spec)
         return _submit(session, spec, caller.tenant, idempotency_key, dispatcher)
 
 
@@ -187,6 +206,7 @@ def _submit(
 def validate(spec: JobSpec, session: SessionDep, settings: SettingsDep, _: CallerDep) -> Validation:
     """Whether the spec is valid here and which registered devices could run it."""
     queue = _checked(spec, settings)
+    _gang_checked(session, spec)
     fits = [
         DeviceFit(
             **{k: d[k] for k in DeviceFit.model_fields if k != "frameworks"},
@@ -202,7 +222,7 @@ def validate(spec: JobSpec, session: SessionDep, settings: SettingsDep, _: Calle
     ]
     if not fits:
         reason: str | None = (
-            f"no registered device fits gpu_type={spec.resources.gpu_type} "
+            f"no registered device fits gpu_type={describe_types(spec.resources.gpu_type)} "
             f"memory_gb={spec.resources.memory_gb:g}; the job would wait"
         )
     else:
