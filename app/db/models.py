@@ -96,6 +96,28 @@ class Job(Base):
         UniqueConstraint("tenant", "idempotency_key"),
         Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
         Index("ix_jobs_status_dispatched", "status", "dispatched_at"),
+        # The indexes below serve the hot statements (tests/integration/test_query_plans.py).
+        # The outbox: due queued jobs of a queue, in dispatch order (reaping.py).
+        Index(
+            "ix_jobs_queued_dispatch",
+            "queue",
+            text("dispatched_at NULLS FIRST"),
+            text("priority DESC"),
+            "created_at",
+            postgresql_where=text("status = 'queued' AND NOT cancel_requested"),
+            postgresql_include=["retry_at"],
+        ),
+        Index(
+            "ix_jobs_max_wait",
+            "created_at",
+            postgresql_where=text(
+                "status = 'queued' AND NOT cancel_requested AND started_at IS NULL "
+                "AND jsonb_typeof(spec -> 'max_wait') = 'number'"
+            ),
+        ),
+        # List pages, newest first: a tenant's by status, and an admin's.
+        Index("ix_jobs_tenant_status_created", "tenant", "status", "created_at", "id"),
+        Index("ix_jobs_created", "created_at", "id"),
     )
 
 
@@ -156,6 +178,12 @@ class JobEvent(Base):
 
     __table_args__ = (
         Index("ix_job_events_job_id", "job_id", "id"),
+        # /metrics counts these kinds; every other event stays out of the index.
+        Index(
+            "ix_job_events_counted_kind",
+            "kind",
+            postgresql_where=text("kind IN ('lease_expired', 'oom_backoff')"),
+        ),
         UniqueConstraint("job_id", "seq"),
     )
 

@@ -159,17 +159,18 @@ def claim_due_dispatches(
     backoff has passed, and a broker that lost its messages. Never-dispatched jobs come first,
     then the longest-waiting; ``queue`` narrows it to one queue.
     """
+    # One queue: the ORDER BY is ix_jobs_queued_dispatch's, so LIMIT stops the scan early.
+    in_queue = "" if queue is None else "AND queue = :queue"
     rows = session.execute(
         text(
-            """
+            f"""
             UPDATE jobs SET dispatched_at = now()
              WHERE id IN (
                 SELECT id FROM jobs
-                 WHERE status = 'queued' AND NOT cancel_requested
+                 WHERE status = 'queued' AND NOT cancel_requested {in_queue}
                    AND (retry_at IS NULL OR retry_at <= now())
                    AND (dispatched_at IS NULL
                         OR dispatched_at < now() - make_interval(secs => :after))
-                   AND (CAST(:queue AS text) IS NULL OR queue = :queue)
                  ORDER BY dispatched_at NULLS FIRST, priority DESC, created_at
                  LIMIT :limit
                  FOR UPDATE SKIP LOCKED)
