@@ -2,7 +2,8 @@
 
 Every ``reaper_interval``: expired leases are closed and their jobs requeued (or failed when
 their attempts are spent), queued jobs whose wake-up is missing or old are dispatched again
-(the outbox), and devices whose worker stopped heartbeating are freed. Any number of reapers
+(the outbox), devices whose worker stopped heartbeating are freed, and the fleet counters'
+deltas are folded in (``app.db.counters``). Any number of reapers
 may run: every pass is bounded and skips rows another reaper has locked.
 
 After losing the database and getting it back, the reaper reaps no lease for one
@@ -23,13 +24,16 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import health
-from app.db import reaping
+from app.db import counters, reaping
 from app.db.session import session_scope
 from app.domain.states import JobStatus
 from app.queue import Dispatcher
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: status changes folded into the fleet counters per pass, in units of ``reaper_batch``.
+COUNTER_FOLD_FACTOR = 100
 
 
 @dataclass
@@ -97,6 +101,8 @@ class Reaper:
         report.devices_freed = len(freed)
         with session_scope(url) as session:
             unschedulable = reaping.fail_unschedulable(session=session, limit=limit)
+        with session_scope(url) as session:
+            counters.fold(session=session, limit=limit * COUNTER_FOLD_FACTOR)
         for u in unschedulable:
             log.warning("job %s: unschedulable: %s", u.job_id, u.reason)
 

@@ -21,6 +21,7 @@ from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
+from app.db import counters
 from app.db.events import add_event
 from app.db.models import Device, Job
 from app.domain.routing import DEFAULT_FRAMEWORK, RoutingError, device_fits
@@ -568,20 +569,9 @@ def job_cursors(*, session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID
 
 
 def tenant_counts(*, session: Session, tenant: str) -> tuple[dict[str, int], dict[str, int]]:
-    """One tenant's jobs by status, and its queued jobs per queue."""
-    rows = session.execute(
-        text(
-            "SELECT status, queue, count(*) AS n FROM jobs WHERE tenant = :t GROUP BY status, queue"
-        ),
-        {"t": tenant},
-    ).all()
-    by_status = {status.value: 0 for status in JobStatus}
-    queues: dict[str, int] = {}
-    for r in rows:
-        by_status[r.status] += r.n
-        if r.status == JobStatus.QUEUED.value:
-            queues[r.queue] = queues.get(r.queue, 0) + r.n
-    return by_status, queues
+    """One tenant's jobs by status, and its queued jobs per queue (from the fleet counters)."""
+    counts = counters.job_counts(session=session, tenant=tenant)
+    return counters.by_status(counts), counters.queued_by_queue(counts)
 
 
 def tenant_job_ids(*, session: Session, tenant: str, job_ids: list[uuid.UUID]) -> set[uuid.UUID]:

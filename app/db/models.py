@@ -178,12 +178,6 @@ class JobEvent(Base):
 
     __table_args__ = (
         Index("ix_job_events_job_id", "job_id", "id"),
-        # /metrics counts these kinds; every other event stays out of the index.
-        Index(
-            "ix_job_events_counted_kind",
-            "kind",
-            postgresql_where=text("kind IN ('lease_expired', 'oom_backoff')"),
-        ),
         UniqueConstraint("job_id", "seq"),
     )
 
@@ -205,6 +199,34 @@ class JobLog(Base):
         Index("ix_job_logs_job_id", "job_id", "id"),
         UniqueConstraint("job_id", "seq"),
     )
+
+
+class FleetCounter(Base):
+    """Jobs per tenant, queue and status (``what='job'``), and counted events per kind
+    (``what='event'``, tenant and queue empty), as folded by the reaper; the rows of
+    ``FleetCounterDelta`` not folded yet are added to it on reading (``app.db.counters``)."""
+
+    __tablename__ = "fleet_counters"
+
+    what: Mapped[str] = mapped_column(String(20), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(200), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(100), primary_key=True)
+    status: Mapped[str] = mapped_column(String(50), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
+class FleetCounterDelta(Base):
+    """+1/-1, appended by triggers (migration 0006) in the transaction that changed a job's
+    status or inserted a counted event."""
+
+    __tablename__ = "fleet_counter_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    what: Mapped[str] = mapped_column(String(20))
+    tenant: Mapped[str] = mapped_column(String(200))
+    queue: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(50))
+    delta: Mapped[int] = mapped_column(Integer)
 
 
 class Device(Base):
