@@ -375,7 +375,10 @@ def waiting_reason(spec: dict[str, Any], devices: _DeviceSizes) -> str | None:
 _SELECT = """
 SELECT j.id, j.name, j.tenant, j.status, j.spec, j.spec_version, j.queue, j.priority,
        j.created_at, j.started_at, j.finished_at, j.attempts, j.max_attempts, j.retry_at,
-       j.cancel_requested, j.progress, j.micro_batch, j.result, j.error,
+       j.cancel_requested,
+       coalesce((SELECT l.progress FROM leases l WHERE l.job_id = j.id AND l.progress IS NOT NULL
+                  ORDER BY l.epoch DESC LIMIT 1), j.progress) AS progress,
+       j.micro_batch, j.result, j.error,
        j.gpu_peak_memory_bytes, j.gpu_util_sum, j.gpu_util_samples,
        (SELECT coalesce(json_agg(json_build_object(
                    'epoch', l.epoch, 'worker', l.worker, 'device', l.device_uuid,

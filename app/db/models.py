@@ -136,6 +136,9 @@ class Lease(Base):
     expires_at: Mapped[datetime] = mapped_column(TZ)
     released_at: Mapped[datetime | None] = mapped_column(TZ)
     outcome: Mapped[LeaseOutcome | None] = mapped_column(_enum(LeaseOutcome, "lease_outcome"))
+    #: the trainer's latest progress in this attempt, sent with the heartbeat (a narrow row:
+    #: the jobs row carries the spec). A job shows its newest lease's, else ``Job.progress``.
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
     __table_args__ = (
         UniqueConstraint("job_id", "epoch"),

@@ -1,4 +1,5 @@
-"""indexes for the statements a large fleet issues all the time; fleet counters
+"""indexes for the statements a large fleet issues all the time; fleet counters; progress on
+the lease row
 
 Revision ID: 0006
 Revises: 0003
@@ -15,12 +16,17 @@ history. Triggers append a +1/-1 row to ``fleet_counter_deltas`` in the transact
 changes a job's status or inserts a counted event (insert-only: no row lock that every claim
 would wait for, no deadlock between two jobs moving in opposite directions); readers add the
 deltas to the folded counts, and the reaper folds the deltas in, in bounded batches.
+
+``leases.progress``: the supervisor sends the trainer's progress with its heartbeat, one
+narrow-row write per heartbeat instead of rewriting the jobs row (which carries the spec) on
+every progress message. ``jobs.progress`` keeps what earlier versions wrote.
 """
 
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision: str = "0006"
 down_revision: str | None = "0003"
@@ -31,6 +37,7 @@ _QUEUED = sa.text("status = 'queued' AND NOT cancel_requested")
 
 
 def upgrade() -> None:
+    op.add_column("leases", sa.Column("progress", postgresql.JSONB(), nullable=True))
     op.create_index(
         "ix_jobs_queued_dispatch",
         "jobs",
@@ -140,6 +147,7 @@ def downgrade() -> None:
     op.execute("DROP FUNCTION count_jobs()")
     op.drop_table("fleet_counter_deltas")
     op.drop_table("fleet_counters")
+    op.drop_column("leases", "progress")
     for name, table in (
         ("ix_jobs_created", "jobs"),
         ("ix_jobs_tenant_status_created", "jobs"),
