@@ -55,6 +55,7 @@ from app.db.session import session_scope  # noqa: E402
 from app.domain.spec import JobSpec  # noqa: E402
 from app.domain.states import JobStatus, LeaseOutcome  # noqa: E402
 from app.settings import Settings  # noqa: E402
+from workers.lease_writer import LeaseWriter  # noqa: E402
 from workers.reaper import Reaper  # noqa: E402
 
 TENANT = "bench"
@@ -65,6 +66,10 @@ SPEC = {
     "model": {"type": "mlp", "input_dim": 32, "hidden_units": [128, 64], "output_dim": 1},
     "resources": {"gpu_type": "any", "memory_gb": 8},
 }
+
+
+#: what the simulated workers do without a transaction (progress waits for the heartbeat).
+IN_MEMORY = {"progress"}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -197,7 +202,8 @@ class SimWorker:
     name: str
     device: str
     job: uuid.UUID | None = None
-    epoch: int = 0
+    #: the supervisor's writer for the running job (the real one: what it batches, we do).
+    writer: LeaseWriter | None = None
     started: float = 0.0
     step: int = 0
 
@@ -297,7 +303,8 @@ class Fleet:
                         device_rows.set_current_job(
                             session=session, uuid=w.device, worker=w.name, job_id=job
                         )
-                        w.job, w.epoch, w.started, w.step = job, grant.epoch, now, 0
+                        w.job, w.started, w.step = job, now, 0
+                        w.writer = LeaseWriter(url, job, grant.epoch, ttl=s.lease_ttl)
                         for k, every in (
                             ("heartbeat", s.heartbeat_interval),
                             ("progress", a.progress_every),
@@ -321,46 +328,30 @@ class Fleet:
                     sample={"utilization": 0.9, "memory_used_bytes": 2**33, "taken_at": 0},
                 )
                 return now + s.telemetry_interval
-            if w.job is None:
-                return None
-            if kind == "heartbeat":
-                leases.heartbeat(session=session, job_id=w.job, epoch=w.epoch, ttl=s.lease_ttl)
-                return now + s.heartbeat_interval
-            if kind == "progress":
-                w.step += 10
-                leases.record_progress(
-                    session=session,
-                    job_id=w.job,
-                    epoch=w.epoch,
-                    progress={"step": w.step, "epoch": 1, "loss": 0.5, "samples_per_s": 900.0},
-                )
-                return now + a.progress_every
-            if kind == "checkpoint":
-                leases.record_checkpoint(
-                    session=session,
-                    job_id=w.job,
-                    epoch=w.epoch,
-                    step=w.step,
-                    path=f"/ckpt/{w.job}/step-{w.step}.pt",
-                    keep=2,
-                )
-                with self.stats.lock:
-                    self.stats.checkpoints += 1
-                return now + a.checkpoint_every
-            if kind == "finish":
-                leases.finish(
-                    session=session,
-                    job_id=w.job,
-                    epoch=w.epoch,
-                    outcome=LeaseOutcome.SUCCEEDED,
-                    result={"loss": 0.1},
-                )
+        if w.job is None or w.writer is None:
+            return None
+        writer = w.writer
+        if kind == "heartbeat":
+            writer.heartbeat()
+            return now + s.heartbeat_interval
+        if kind == "progress":
+            w.step += 10
+            writer.progress({"step": w.step, "epoch": 1, "loss": 0.5, "samples_per_s": 900.0})
+            return now + a.progress_every
+        if kind == "checkpoint":
+            writer.checkpoint(step=w.step, path=f"/ckpt/{w.job}/step-{w.step}.pt", keep=2)
+            with self.stats.lock:
+                self.stats.checkpoints += 1
+            return now + a.checkpoint_every
+        if kind == "finish":
+            writer.finish(LeaseOutcome.SUCCEEDED, result={"loss": 0.1}, budget=5)
+            with session_scope(url) as session:
                 device_rows.set_current_job(
                     session=session, uuid=w.device, worker=w.name, job_id=None
                 )
-                w.job = None
-                self.schedule(now, w.index, "claim")
-                return None
+            w.job = w.writer = None
+            self.schedule(now, w.index, "claim")
+            return None
         raise ValueError(kind)
 
     def close(self) -> None:
@@ -488,6 +479,9 @@ def phase(url: str, dsn: str, dbname: str, args: argparse.Namespace, size: int) 
         "connections": max(connections or [0]),
         "running": running,
         "checkpoints_per_s": fleet.stats.checkpoints / elapsed,
+        # the fleet's own transactions (the API's reads and the reaper's are not counted)
+        "fleet_tps": sum(len(v) for k, v in fleet.stats.latency.items() if k not in IN_MEMORY)
+        / elapsed,
         "latency": {k: list(v) for k, v in fleet.stats.latency.items()},
         "lag_p99": pct(fleet.stats.lag, 0.99),
         "reaper": reaper_passes,
@@ -509,7 +503,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, hb: float) -
     for r in results:
         print(f"\n== {r['size']:,} queued + {r['size']:,} ended jobs, {args.workers} workers")
         print(
-            f"Postgres transactions/s {r['tps']:8.1f}   connections in use {r['connections']}"
+            f"Postgres transactions/s {r['tps']:8.1f} (the workers' {r['fleet_tps']:.1f})"
+            f"   connections in use {r['connections']}"
             f"   running jobs {r['running']}   scheduler lag p99 {ms(r['lag_p99'])} ms"
         )
         print(f"{'statement':<18}{'n':>7}{'p50 ms':>9}{'p99 ms':>9}")
@@ -544,7 +539,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, hb: float) -
         print(f"{name:<18}{value:8.2f}x   target {target}")
     budget = 1.2 * last["running"] / hb + last["checkpoints_per_s"]
     print(
-        f"{'transactions/s':<18}{last['tps']:8.1f}    target <= {budget:.1f}"
+        f"{'fleet tx/s':<18}{last['fleet_tps']:8.1f}    target <= {budget:.1f}"
         f" (1.2 x {last['running']} running / {hb:g}s + {last['checkpoints_per_s']:.1f}"
         " checkpoints/s)"
     )
