@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session
@@ -71,27 +72,16 @@ def _seed(url: str) -> None:
     with session_scope(url) as s:
         spec = JobSpec.model_validate({"framework": "torch"})
         template = jobs.submit_job(session=s, tenant="t0", spec=spec).job_id
-    raw = engine_for(url).raw_connection()
-    try:
-        cur = raw.cursor()
+    # Its own connection: the bulk insert may outlast gpufleet's statement timeout.
+    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
         params = {"n": JOBS, "q": QUEUED, "t": template}
         for statement in _SEED:
-            cur.execute(statement, params)
-        raw.commit()
-    finally:
-        raw.close()
-    while True:  # the reaper folds the seeded jobs into the counters
-        with session_scope(url) as s:
-            if not counters.fold(session=s, limit=50_000):
-                break
-    raw = engine_for(url).raw_connection()
-    try:
-        cur = raw.cursor()
-        raw.driver_connection.autocommit = True  # type: ignore[union-attr]
-        cur.execute("VACUUM ANALYZE")
-        raw.driver_connection.autocommit = False  # type: ignore[union-attr]
-    finally:
-        raw.close()
+            conn.execute(statement, params)
+        while True:  # the reaper folds the seeded jobs into the counters
+            with session_scope(url) as s:
+                if not counters.fold(session=s, limit=20_000):
+                    break
+        conn.execute("VACUUM ANALYZE")
 
 
 @dataclass(frozen=True)
