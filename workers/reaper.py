@@ -32,6 +32,8 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: wake-ups sent again per queue per pass, in units of ``reaper_batch`` (10,000 by default).
+REDISPATCH_BATCHES = 100
 #: status changes folded into the fleet counters per pass, in units of ``reaper_batch``.
 COUNTER_FOLD_FACTOR = 100
 
@@ -122,18 +124,23 @@ class Reaper:
         for queue, count in due.items():
             pending = self.dispatcher.pending(queue)
             missing = count if pending is None else count - pending
-            if missing <= 0:
-                continue
-            with session_scope(url) as session:
-                jobs = reaping.claim_due_dispatches(
-                    session=session,
-                    redispatch_after=self.settings.redispatch_after,
-                    limit=min(missing, limit),
-                    queue=queue,
-                )
-            for job in jobs:
-                self.dispatcher.dispatch(job_id=job.job_id, queue=job.queue, priority=job.priority)
-            sent += len(jobs)
+            # Batches of reaper_batch, each its own short transaction, until the broker holds
+            # what it should: a big idle fleet after Redis lost everything wakes in one pass.
+            missing = min(missing, limit * REDISPATCH_BATCHES)
+            while missing > 0:
+                with session_scope(url) as session:
+                    jobs = reaping.claim_due_dispatches(
+                        session=session,
+                        redispatch_after=self.settings.redispatch_after,
+                        limit=min(missing, limit),
+                        queue=queue,
+                    )
+                for job in jobs:
+                    self.dispatcher.dispatch(
+                        job_id=job.job_id, queue=job.queue, priority=job.priority
+                    )
+                sent += len(jobs)
+                missing = 0 if len(jobs) < min(missing, limit) else missing - len(jobs)
         return sent
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
