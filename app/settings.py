@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     reaper_grace: float = Field(default=0.0, ge=0)
     #: the most leases/jobs one reaper pass touches, so a pass stays short.
     reaper_batch: int = Field(default=100, ge=1)
+    #: seconds any one statement may run, and may wait for a lock, on every connection (0: no
+    #: limit); a stuck statement fails instead of stalling a heartbeat past its lease.
+    db_statement_timeout: float = Field(default=60.0, ge=0)
+    db_lock_timeout: float = Field(default=10.0, ge=0)
     #: keep a trainer started ahead of the next job, its framework imported (workers).
     warm_spare: bool = True
     #: how long a worker of a scarce GPU type lets a job that a more plentiful, idle type also

@@ -5,14 +5,16 @@ checkpoints, events, the trainer's output, the heartbeat, and the run's end. A r
 raises :class:`LeaseLost` (the supervisor stops the job at once). Two kinds of write differ in
 what an unreachable database means:
 
-- relays (progress, checkpoints, events, output) are dropped with a warning: the heartbeat, not
-  a progress line, decides when an unreachable database means giving up;
+- relays (checkpoints, events, output) are dropped with a warning: the heartbeat, not a
+  relay, decides when an unreachable database means giving up; progress is not written on its
+  own but with the next heartbeat (and before the run's end);
 - ends (finish, requeue, OOM backoff) are retried while the lease could still be ours, since
   giving up leaves the job to the reaper and spends an attempt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -42,6 +44,8 @@ class LeaseWriter:
         self.job_id = job_id
         self.epoch = epoch
         self.ttl = ttl
+        #: the trainer's latest progress not yet stored: it goes with the next heartbeat.
+        self._progress: dict[str, Any] | None = None
 
     @property
     def tag(self) -> str:
@@ -81,23 +85,38 @@ class LeaseWriter:
     # -- while the trainer runs ------------------------------------------------------------
 
     def heartbeat(self) -> leases.Beat:
-        """Renew the lease. Raises LeaseLost when refused; a database error propagates."""
+        """Renew the lease, storing the latest progress with it (one write per heartbeat).
+        Raises LeaseLost when refused; a database error propagates."""
+        progress = self._progress
         beat = self._db(
             lambda s: leases.heartbeat(
-                session=s, job_id=self.job_id, epoch=self.epoch, ttl=self.ttl
+                session=s, job_id=self.job_id, epoch=self.epoch, ttl=self.ttl, progress=progress
             )
         )
         if beat is None:
             raise LeaseLost("heartbeat refused")
+        if self._progress is progress:
+            self._progress = None
         return beat
 
     def progress(self, progress: dict[str, Any]) -> None:
-        self._relay(
-            lambda s: leases.record_progress(
-                session=s, job_id=self.job_id, epoch=self.epoch, progress=progress
-            ),
-            what="progress",
-        )
+        """Keep the trainer's progress for the next heartbeat: the API shows it at most one
+        heartbeat interval old, and a running job costs one write per interval."""
+        self._progress = progress
+
+    def flush_progress(self) -> None:
+        """Store the progress still pending (the run's last), before its end is recorded."""
+        progress = self._progress
+        if progress is None:
+            return
+        self._progress = None
+        with contextlib.suppress(LeaseLost):  # the end's own write says so
+            self._relay(
+                lambda s: leases.record_progress(
+                    session=s, job_id=self.job_id, epoch=self.epoch, progress=progress
+                ),
+                what="progress",
+            )
 
     def checkpoint(self, *, step: int, path: str, keep: int) -> list[str]:
         """Record a checkpoint; returns the paths now beyond the last ``keep``."""
@@ -165,6 +184,7 @@ class LeaseWriter:
         error: dict[str, Any] | None = None,
     ) -> bool:
         """End the job for good. False if the lease is gone."""
+        self.flush_progress()
         return self._durable(
             lambda s: leases.finish(
                 session=s,
@@ -181,6 +201,7 @@ class LeaseWriter:
         self, *, message: str, backoff_s: float, counted: bool, budget: float
     ) -> JobStatus | None:
         """Give the job back (see ``leases.requeue_for_retry``). None if the lease is gone."""
+        self.flush_progress()
         return self._durable(
             lambda s: leases.requeue_for_retry(
                 session=s,

@@ -2,7 +2,8 @@
 
 Every ``reaper_interval``: expired leases are closed and their jobs requeued (or failed when
 their attempts are spent), queued jobs whose wake-up is missing or old are dispatched again
-(the outbox), and devices whose worker stopped heartbeating are freed. Any number of reapers
+(the outbox), devices whose worker stopped heartbeating are freed, and the fleet counters'
+deltas are folded in (``app.db.counters``). Any number of reapers
 may run: every pass is bounded and skips rows another reaper has locked.
 
 After losing the database and getting it back, the reaper reaps no lease for one
@@ -23,13 +24,18 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import health
-from app.db import gangs, reaping
+from app.db import counters, gangs, reaping
 from app.db.session import session_scope
 from app.domain.states import JobStatus
 from app.queue import Dispatcher
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: wake-ups sent again per queue per pass, in units of ``reaper_batch`` (10,000 by default).
+REDISPATCH_BATCHES = 100
+#: status changes folded into the fleet counters per pass, in units of ``reaper_batch``.
+COUNTER_FOLD_FACTOR = 100
 
 
 @dataclass
@@ -100,6 +106,8 @@ class Reaper:
                 log.warning("device %s: its gang's lease ended; freed", uuid)
         with session_scope(url) as session:
             unschedulable = reaping.fail_unschedulable(session=session, limit=limit)
+        with session_scope(url) as session:
+            counters.fold(session=session, limit=limit * COUNTER_FOLD_FACTOR)
         for u in unschedulable:
             log.warning("job %s: unschedulable: %s", u.job_id, u.reason)
 
@@ -119,18 +127,23 @@ class Reaper:
         for queue, count in due.items():
             pending = self.dispatcher.pending(queue)
             missing = count if pending is None else count - pending
-            if missing <= 0:
-                continue
-            with session_scope(url) as session:
-                jobs = reaping.claim_due_dispatches(
-                    session=session,
-                    redispatch_after=self.settings.redispatch_after,
-                    limit=min(missing, limit),
-                    queue=queue,
-                )
-            for job in jobs:
-                self.dispatcher.dispatch(job_id=job.job_id, queue=job.queue, priority=job.priority)
-            sent += len(jobs)
+            # Batches of reaper_batch, each its own short transaction, until the broker holds
+            # what it should: a big idle fleet after Redis lost everything wakes in one pass.
+            missing = min(missing, limit * REDISPATCH_BATCHES)
+            while missing > 0:
+                with session_scope(url) as session:
+                    jobs = reaping.claim_due_dispatches(
+                        session=session,
+                        redispatch_after=self.settings.redispatch_after,
+                        limit=min(missing, limit),
+                        queue=queue,
+                    )
+                for job in jobs:
+                    self.dispatcher.dispatch(
+                        job_id=job.job_id, queue=job.queue, priority=job.priority
+                    )
+                sent += len(jobs)
+                missing = 0 if len(jobs) < min(missing, limit) else missing - len(jobs)
         return sent
 
     def run_forever(self, stop: threading.Event | None = None) -> None:

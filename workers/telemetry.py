@@ -2,19 +2,18 @@
 
 Every ``telemetry_interval``: sample the claimed device (NVML, or simulated numbers marked
 ``simulated``), store the sample on the device row and fold it into the running job's peak
-memory and mean utilization, publish it on Redis pub/sub (``gpufleet:telemetry``) for live
-streams, and send a Celery event so Flower shows it.
+memory and mean utilization, and send a Celery event so Flower shows it. (Samples were also
+published on a Redis pub/sub channel that nothing read: one Redis command per GPU per interval
+for no one. The API's ``/v1/fleet`` and ``/metrics`` read the stored sample.)
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from typing import Any
 
-import redis
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import devices as device_rows
@@ -25,7 +24,6 @@ from workers.devices import GpuDevice, Sampler
 
 log = logging.getLogger(__name__)
 
-TELEMETRY_CHANNEL = "gpufleet:telemetry"
 CELERY_EVENT = "gpufleet-gpu-sample"
 
 
@@ -45,7 +43,6 @@ class TelemetryLoop(threading.Thread):
         self.sampler = sampler
         self.celery_app = celery_app
         self.stopping = threading.Event()
-        self._redis = redis.Redis.from_url(settings.broker_url, socket_timeout=2)
         self.samples_taken = 0
 
     def run(self) -> None:
@@ -72,10 +69,6 @@ class TelemetryLoop(threading.Thread):
         except SQLAlchemyError as exc:
             log.warning("could not store a GPU sample: %s", exc)
         message = {"device": self.device.uuid, "host": self.settings.hostname, **sample}
-        try:
-            self._redis.publish(TELEMETRY_CHANNEL, json.dumps(message))
-        except redis.RedisError as exc:
-            log.debug("could not publish a GPU sample: %s", exc)
         self._celery_event(message)
         self.samples_taken += 1
         return sample

@@ -1,7 +1,7 @@
 """Prometheus metrics read from Postgres at scrape time (DCGM-like names for device gauges).
 
 Reading at scrape time keeps every API replica's answer the same and the truth in one place;
-a scrape costs four small queries.
+a scrape reads the fleet counters (``app.db.counters``) and the device rows, whatever the history.
 """
 
 from __future__ import annotations

@@ -1,39 +1,28 @@
-"""Read-only views of the fleet: totals for ``GET /v1/fleet`` and the ``/metrics`` gauges."""
+"""Read-only views of the fleet: totals for ``GET /v1/fleet`` and the ``/metrics`` gauges, from
+the fleet counters (``app.db.counters``), not from history."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from app.db import counters
 from app.db.devices import list_devices
-from app.domain.states import EventKind, JobStatus
+from app.domain.states import EventKind
 
 
 def job_counts(*, session: Session) -> dict[str, int]:
-    rows = session.execute(text("SELECT status, count(*) AS n FROM jobs GROUP BY status")).all()
-    counts = {status.value: 0 for status in JobStatus}
-    counts.update({r.status: r.n for r in rows})
-    return counts
+    return counters.by_status(counters.job_counts(session=session))
 
 
 def queue_depths(*, session: Session) -> dict[str, int]:
     """Queued jobs per queue, from Postgres (the truth), not from the broker."""
-    rows = session.execute(
-        text("SELECT queue, count(*) AS n FROM jobs WHERE status = 'queued' GROUP BY queue")
-    ).all()
-    return {r.queue: r.n for r in rows}
+    return counters.queued_by_queue(counters.job_counts(session=session))
 
 
 def event_counts(*, session: Session, kinds: list[EventKind]) -> dict[str, int]:
-    rows = session.execute(
-        text("SELECT kind, count(*) AS n FROM job_events WHERE kind = ANY(:k) GROUP BY kind"),
-        {"k": [k.value for k in kinds]},
-    ).all()
-    counts = {k.value: 0 for k in kinds}
-    counts.update({r.kind: r.n for r in rows})
-    return counts
+    return counters.event_counts(session=session, kinds=kinds)
 
 
 def fleet_summary(*, session: Session) -> dict[str, Any]:
@@ -48,7 +37,7 @@ def fleet_summary(*, session: Session) -> dict[str, Any]:
             entry["devices"] += 1
             entry[state] += 1
     utilizations = [d["sample"]["utilization"] for d in alive if d["sample"]]
-    counts = job_counts(session=session)
+    counts = counters.job_counts(session=session)
     return {
         "devices": {
             "registered": len(devices),
@@ -58,8 +47,8 @@ def fleet_summary(*, session: Session) -> dict[str, Any]:
             "by_type": by_type,
             "by_host": by_host,
         },
-        "jobs": counts,
-        "queues": queue_depths(session=session),
+        "jobs": counters.by_status(counts),
+        "queues": counters.queued_by_queue(counts),
         "utilization": round(sum(utilizations) / len(utilizations), 4) if utilizations else None,
         "simulated": any(d["simulated"] for d in alive),
     }

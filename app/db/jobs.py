@@ -21,6 +21,7 @@ from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
+from app.db import counters
 from app.db.events import add_event
 from app.db.models import Device, Job
 from app.domain.routing import (
@@ -28,7 +29,6 @@ from app.domain.routing import (
     RoutingError,
     describe_types,
     device_fits,
-    split_queues,
 )
 from app.domain.spec import SPEC_VERSION, JobSpec
 from app.domain.states import EventKind, JobStatus
@@ -388,7 +388,10 @@ def waiting_reason(spec: dict[str, Any], devices: _DeviceSizes) -> str | None:
 _SELECT = """
 SELECT j.id, j.name, j.tenant, j.status, j.spec, j.spec_version, j.queue, j.priority,
        j.created_at, j.started_at, j.finished_at, j.attempts, j.max_attempts, j.retry_at,
-       j.cancel_requested, j.progress, j.micro_batch, j.result, j.error,
+       j.cancel_requested,
+       coalesce((SELECT l.progress FROM leases l WHERE l.job_id = j.id AND l.progress IS NOT NULL
+                  ORDER BY l.epoch DESC LIMIT 1), j.progress) AS progress,
+       j.micro_batch, j.result, j.error,
        j.gpu_peak_memory_bytes, j.gpu_util_sum, j.gpu_util_samples,
        (SELECT coalesce(json_agg(json_build_object(
                    'epoch', l.epoch, 'worker', l.worker, 'device', l.device_uuid,
@@ -538,7 +541,8 @@ def list_jobs(
 ) -> tuple[list[JobRecord], tuple[datetime, uuid.UUID] | None]:
     """Newest first; the cursor is the (created_at, id) of the last job of the previous page.
     ``tenant`` None: every tenant's jobs (an admin)."""
-    where = ["(CAST(:tenant AS text) IS NULL OR j.tenant = :tenant)"]
+    # Only the conditions that apply, so the planner picks the index of that page's shape.
+    where = ["TRUE"] if tenant is None else ["j.tenant = :tenant"]
     params: dict[str, Any] = {"tenant": tenant, "limit": limit + 1}
     if status is not None:
         where.append("j.status = CAST(:status AS job_status)")
@@ -581,21 +585,9 @@ def job_cursors(*, session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID
 
 
 def tenant_counts(*, session: Session, tenant: str) -> tuple[dict[str, int], dict[str, int]]:
-    """One tenant's jobs by status, and its queued jobs per queue."""
-    rows = session.execute(
-        text(
-            "SELECT status, queue, count(*) AS n FROM jobs WHERE tenant = :t GROUP BY status, queue"
-        ),
-        {"t": tenant},
-    ).all()
-    by_status = {status.value: 0 for status in JobStatus}
-    queues: dict[str, int] = {}
-    for r in rows:
-        by_status[r.status] += r.n
-        if r.status == JobStatus.QUEUED.value:
-            for queue in split_queues(r.queue):
-                queues[queue] = queues.get(queue, 0) + r.n
-    return by_status, queues
+    """One tenant's jobs by status, and its queued jobs per queue (from the fleet counters)."""
+    counts = counters.job_counts(session=session, tenant=tenant)
+    return counters.by_status(counts), counters.queued_by_queue(counts)
 
 
 def tenant_job_ids(*, session: Session, tenant: str, job_ids: list[uuid.UUID]) -> set[uuid.UUID]:

@@ -119,13 +119,23 @@ class Beat:
     device_held: bool
 
 
-def heartbeat(*, session: Session, job_id: uuid.UUID, epoch: int, ttl: float) -> Beat | None:
-    """Extend the lease. None if the lease is gone."""
+def heartbeat(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    epoch: int,
+    ttl: float,
+    progress: dict[str, Any] | None = None,
+) -> Beat | None:
+    """Extend the lease, storing the trainer's latest ``progress`` on it in the same statement
+    (None keeps the last one): one write per running job per heartbeat. None if the lease is
+    gone."""
     row = session.execute(
         text(
             f"""
             UPDATE leases l
-               SET heartbeat_at = now(), expires_at = now() + make_interval(secs => :ttl)
+               SET heartbeat_at = now(), expires_at = now() + make_interval(secs => :ttl),
+                   progress = coalesce(:progress, l.progress)
               FROM jobs j
              WHERE l.job_id = :job_id AND l.epoch = :epoch AND l.released_at IS NULL
                AND {FENCE}
@@ -140,8 +150,8 @@ def heartbeat(*, session: Session, job_id: uuid.UUID, epoch: int, ttl: float) ->
                            WHERE g.gang_job = l.job_id AND g.gang_epoch = l.epoch
                              AND (g.worker IS NULL OR g.expires_at <= now())) AS device_held
             """
-        ),
-        {"job_id": job_id, "epoch": epoch, "ttl": ttl},
+        ).bindparams(bindparam("progress", type_=JSONB(none_as_null=True))),
+        {"job_id": job_id, "epoch": epoch, "ttl": ttl, "progress": progress},
     ).one_or_none()
     if row is None:
         return None
@@ -151,9 +161,16 @@ def heartbeat(*, session: Session, job_id: uuid.UUID, epoch: int, ttl: float) ->
 def record_progress(
     *, session: Session, job_id: uuid.UUID, epoch: int, progress: dict[str, Any]
 ) -> bool:
-    stmt = text(f"UPDATE jobs j SET progress = :progress WHERE {FENCE} RETURNING j.id").bindparams(
-        bindparam("progress", type_=JSONB)
-    )
+    """Store progress on the live lease (a narrow row; the jobs row carries the spec). The
+    supervisor sends it with the heartbeat instead; this writes it on its own (the last one,
+    at the run's end)."""
+    stmt = text(
+        f"""
+        UPDATE leases l SET progress = :progress FROM jobs j
+         WHERE l.job_id = :job_id AND l.epoch = :epoch AND l.released_at IS NULL AND {FENCE}
+        RETURNING l.id
+        """
+    ).bindparams(bindparam("progress", type_=JSONB))
     params = {"job_id": job_id, "epoch": epoch, "progress": progress}
     return session.scalar(stmt, params) is not None
 

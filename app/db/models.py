@@ -97,6 +97,38 @@ class Job(Base):
         UniqueConstraint("tenant", "idempotency_key"),
         Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
         Index("ix_jobs_status_dispatched", "status", "dispatched_at"),
+        # The indexes below serve the hot statements (tests/integration/test_query_plans.py).
+        # The outbox: due queued jobs of a queue, in dispatch order (reaping.py).
+        Index(
+            "ix_jobs_queued_dispatch",
+            "queue",
+            text("dispatched_at NULLS FIRST"),
+            text("priority DESC"),
+            "created_at",
+            postgresql_where=text("status = 'queued' AND NOT cancel_requested"),
+            postgresql_include=["retry_at"],
+        ),
+        # The outbox's jobs with alternative types, which wait in several queues at once.
+        Index(
+            "ix_jobs_queued_alternatives",
+            text("dispatched_at NULLS FIRST"),
+            text("priority DESC"),
+            "created_at",
+            postgresql_where=text(
+                "status = 'queued' AND NOT cancel_requested AND strpos(queue, ' ') > 0"
+            ),
+        ),
+        Index(
+            "ix_jobs_max_wait",
+            "created_at",
+            postgresql_where=text(
+                "status = 'queued' AND NOT cancel_requested AND started_at IS NULL "
+                "AND jsonb_typeof(spec -> 'max_wait') = 'number'"
+            ),
+        ),
+        # List pages, newest first: a tenant's by status, and an admin's.
+        Index("ix_jobs_tenant_status_created", "tenant", "status", "created_at", "id"),
+        Index("ix_jobs_created", "created_at", "id"),
     )
 
 
@@ -115,6 +147,9 @@ class Lease(Base):
     expires_at: Mapped[datetime] = mapped_column(TZ)
     released_at: Mapped[datetime | None] = mapped_column(TZ)
     outcome: Mapped[LeaseOutcome | None] = mapped_column(_enum(LeaseOutcome, "lease_outcome"))
+    #: the trainer's latest progress in this attempt, sent with the heartbeat (a narrow row:
+    #: the jobs row carries the spec). A job shows its newest lease's, else ``Job.progress``.
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
     __table_args__ = (
         UniqueConstraint("job_id", "epoch"),
@@ -178,6 +213,34 @@ class JobLog(Base):
         Index("ix_job_logs_job_id", "job_id", "id"),
         UniqueConstraint("job_id", "seq"),
     )
+
+
+class FleetCounter(Base):
+    """Jobs per tenant, queue and status (``what='job'``), and counted events per kind
+    (``what='event'``, tenant and queue empty), as folded by the reaper; the rows of
+    ``FleetCounterDelta`` not folded yet are added to it on reading (``app.db.counters``)."""
+
+    __tablename__ = "fleet_counters"
+
+    what: Mapped[str] = mapped_column(String(20), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(200), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(500), primary_key=True)
+    status: Mapped[str] = mapped_column(String(50), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
+class FleetCounterDelta(Base):
+    """+1/-1, appended by triggers (migration 0006) in the transaction that changed a job's
+    status or inserted a counted event."""
+
+    __tablename__ = "fleet_counter_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    what: Mapped[str] = mapped_column(String(20))
+    tenant: Mapped[str] = mapped_column(String(200))
+    queue: Mapped[str] = mapped_column(String(500))
+    status: Mapped[str] = mapped_column(String(50))
+    delta: Mapped[int] = mapped_column(Integer)
 
 
 class Device(Base):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -152,6 +153,21 @@ def due_per_queue(*, session: Session) -> dict[str, int]:
     return {r.queue: r.n for r in rows}
 
 
+_CLAIM_DUE = """
+    UPDATE jobs SET dispatched_at = now()
+     WHERE id IN (
+        SELECT id FROM jobs
+         WHERE status = 'queued' AND NOT cancel_requested {in_queue}
+           AND (retry_at IS NULL OR retry_at <= now())
+           AND (dispatched_at IS NULL
+                OR dispatched_at < now() - make_interval(secs => :after))
+         ORDER BY dispatched_at NULLS FIRST, priority DESC, created_at
+         LIMIT :limit
+         FOR UPDATE SKIP LOCKED)
+    RETURNING id, queue, priority
+"""
+
+
 def claim_due_dispatches(
     *, session: Session, redispatch_after: float, limit: int, queue: str | None = None
 ) -> list[Dispatchable]:
@@ -162,27 +178,26 @@ def claim_due_dispatches(
     then the longest-waiting; ``queue`` narrows it to one queue (and the jobs with alternative
     types that wait in it too).
     """
-    rows = session.execute(
-        text(
-            """
-            UPDATE jobs SET dispatched_at = now()
-             WHERE id IN (
-                SELECT id FROM jobs
-                 WHERE status = 'queued' AND NOT cancel_requested
-                   AND (retry_at IS NULL OR retry_at <= now())
-                   AND (dispatched_at IS NULL
-                        OR dispatched_at < now() - make_interval(secs => :after))
-                   AND (CAST(:queue AS text) IS NULL OR queue = :queue
-                        OR (strpos(queue, ' ') > 0
-                            AND :queue = ANY(string_to_array(queue, ' '))))
-                 ORDER BY dispatched_at NULLS FIRST, priority DESC, created_at
-                 LIMIT :limit
-                 FOR UPDATE SKIP LOCKED)
-            RETURNING id, queue, priority
-            """
-        ),
-        {"after": redispatch_after, "limit": limit, "queue": queue},
-    ).all()
+    # One queue: the ORDER BY is ix_jobs_queued_dispatch's, so LIMIT stops the scan early.
+    # Jobs with alternative types wait in several queues at once (their ``queue`` names them
+    # all): a second statement claims those through ix_jobs_queued_alternatives, rather than
+    # an OR that no index serves in order.
+    filters = (
+        [""]
+        if queue is None
+        else [
+            "AND queue = :queue",
+            "AND strpos(queue, ' ') > 0 AND :queue = ANY(string_to_array(queue, ' '))",
+        ]
+    )
+    rows: list[Any] = []
+    for in_queue in filters:
+        if len(rows) >= limit:
+            break
+        rows += session.execute(
+            text(_CLAIM_DUE.format(in_queue=in_queue)),
+            {"after": redispatch_after, "limit": limit - len(rows), "queue": queue},
+        ).all()
     for r in rows:
         add_event(
             session=session,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
+
+from app.settings import get_settings
 
 _factories: dict[str, sessionmaker[Session]] = {}
 
@@ -22,17 +25,27 @@ def _factory(url: str) -> sessionmaker[Session]:
     return factory
 
 
-def _connect_args(url: str) -> dict[str, int]:
+def _connect_args(url: str) -> dict[str, Any]:
     """Fail fast on an unreachable server, and notice a dead peer through TCP keepalives,
-    instead of waiting minutes for the kernel's defaults."""
+    instead of waiting minutes for the kernel's defaults. Every connection gets the
+    statement and lock timeouts of the settings, so a stuck statement or a lock held by a
+    dead transaction fails loudly instead of stalling a heartbeat; and psycopg never prepares
+    statements on the server, which PgBouncer's transaction mode would hand to another client.
+    """
     if not url.startswith("postgresql"):
         return {}
+    settings = get_settings()
     return {
         "connect_timeout": 5,
         "keepalives": 1,
         "keepalives_idle": 10,
         "keepalives_interval": 3,
         "keepalives_count": 3,
+        "prepare_threshold": None,
+        "options": (
+            f"-c statement_timeout={round(settings.db_statement_timeout * 1000)} "
+            f"-c lock_timeout={round(settings.db_lock_timeout * 1000)}"
+        ),
     }
 
 

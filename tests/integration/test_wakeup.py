@@ -1,0 +1,52 @@
+"""A big idle fleet wakes in one reaper pass after Redis lost every wake-up."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import text
+
+from app.db.jobs import submit_job
+from app.db.session import session_scope
+from app.domain.spec import JobSpec
+from app.queue import Dispatcher
+from app.settings import Settings
+from workers.reaper import Reaper
+
+SPEC = JobSpec.model_validate({"framework": "torch"})
+GPUS = 1000
+
+
+def test_one_pass_resends_a_thousand_lost_wake_ups_of_one_queue(
+    settings: Settings, redis_url: str
+) -> None:
+    # Given 1,000 queued jobs on one queue (one per idle GPU), dispatched an hour ago, and a
+    # Redis that lost everything; the reaper's batch is its default 100
+    with session_scope(settings.database_url) as s:
+        template = submit_job(session=s, tenant="t", spec=SPEC).job_id
+        s.execute(
+            text(
+                """
+                INSERT INTO jobs (id, tenant, name, status, spec, queue, priority, spec_hash,
+                                  max_attempts, event_seq)
+                SELECT gen_random_uuid(), tenant, name, status, spec, queue, priority,
+                       spec_hash, max_attempts, 0
+                  FROM jobs, generate_series(2, :n) WHERE id = :t
+                """
+            ),
+            {"n": GPUS, "t": template},
+        )
+        s.execute(text("UPDATE jobs SET dispatched_at = now() - interval '1 hour'"))
+    dispatcher = Dispatcher(settings)
+    queue = SPEC.queue
+    assert dispatcher.pending(queue) == 0
+    reaper = Reaper(settings.model_copy(update={"reaper_batch": 100}), dispatcher)
+    # When one pass runs
+    started = time.monotonic()
+    report = reaper.pass_once()
+    took = time.monotonic() - started
+    # Then every one of them has its wake-up again, within the pass, and only once
+    assert report.dispatched == GPUS
+    assert dispatcher.pending(queue) == GPUS
+    assert took < 10, f"the pass took {took:.1f}s"
+    assert reaper.pass_once().dispatched == 0
