@@ -144,10 +144,14 @@ class TrainingSpec(_Strict):
 _GpuTypeName = Annotated[
     Text, Field(max_length=64, json_schema_extra={"pattern": "^[A-Za-z0-9]{1,32}$"})
 ]
+#: at least one name: the validator refuses an empty list with its own message.
+_GpuTypeList = Annotated[
+    list[_GpuTypeName], Field(max_length=MAX_GPU_TYPES, json_schema_extra={"minItems": 1})
+]
 
 
 class ResourcesSpec(_Strict):
-    gpu_type: _GpuTypeName | Annotated[list[_GpuTypeName], Field(max_length=MAX_GPU_TYPES)] = Field(
+    gpu_type: _GpuTypeName | _GpuTypeList = Field(
         default=ANY_TYPE,
         description="A GPU type name (A100, T4, ...; case-insensitive), 'any', or a list "
         "of alternatives (['V100', 'T4']: the job runs once, on whichever frees first).",
