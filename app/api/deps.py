@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -80,6 +80,33 @@ class Auth:
                 401, "unauthorized", "unknown token", headers={"WWW-Authenticate": "Bearer"}
             )
         return found
+
+
+def _query_names(dependant: Any) -> set[str]:
+    """The query parameters of an operation and of every dependency it has."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+async def known_query_only(request: Request) -> None:
+    """Refuse query parameters the operation does not have: ``?stauts=queued`` would
+    otherwise list every job, silently."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = _query_names(dependant)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        offered = ", ".join(sorted(known)) or "none"
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"unknown query parameter(s) {', '.join(repr(u) for u in unknown)}; "
+            f"this operation takes: {offered}",
+        )
 
 
 async def get_settings_dep(request: Request) -> Settings:

@@ -260,3 +260,14 @@ def test_live_streams_end_when_the_job_has_ended(client: TestClient) -> None:
     assert "event: submitted" in stream.text and "event: cancelled" in stream.text
     logs = client.get(f"/v1/jobs/{job_id}/logs", params={"follow": "true"}, headers=ALICE)
     assert logs.status_code == 200 and logs.text == ""
+
+
+def test_a_misspelt_query_parameter_is_a_422_naming_it_not_an_unfiltered_answer(
+    client: TestClient,
+) -> None:
+    response = client.get("/v1/jobs?stauts=queued", headers=ALICE)
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert "'stauts'" in message and "status" in message and "limit" in message
+    assert client.get("/v1/jobs?status=queued", headers=ALICE).status_code == 200
+    assert client.get("/v1/devices?verbose=1", headers=ALICE).status_code == 422

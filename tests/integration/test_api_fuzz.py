@@ -1,7 +1,8 @@
 """schemathesis fuzzes the live API (real Postgres and Redis) through its own OpenAPI document:
 every operation, with auth, and stateful runs that follow the document's links (submit ->
 get/cancel/events/logs). No 5xx, and every response — status code, media type, headers, body —
-must be what the document declares; schema-valid bodies must be accepted.
+must be what the document declares; schema-valid bodies must be accepted, and schema-invalid
+requests (negative mode) refused with a documented 4xx.
 
 Bounded: ``MAX_EXAMPLES`` per operation, so the run takes well under a minute.
 """
@@ -15,8 +16,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck
 from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    negative_data_rejection,
     positive_data_acceptance,
     response_headers_conformance,
     response_schema_conformance,
@@ -87,6 +90,38 @@ def test_every_operation_answers_as_documented(
 
         fuzz()
     print(f"schemathesis: {len(REQUESTS)} requests over {len(operations)} operations")
+
+
+#: malformed requests: each must be refused with a documented 4xx, never a 5xx.
+NEGATIVE_CHECKS = [
+    not_a_server_error,
+    negative_data_rejection,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+
+
+def test_schema_invalid_requests_are_refused_with_a_documented_4xx(
+    api_schema: schemathesis.schemas.BaseSchema,
+) -> None:
+    fuzzed = []
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    # The API's own operations; the probes (/healthz, /readyz, /metrics) take no input.
+    for operation in [op for op in operations if op.path.startswith("/v1/")]:
+
+        @hypothesis.given(case=operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))
+        @hypothesis.settings(SETTINGS, max_examples=25)
+        def fuzz(case: schemathesis.Case) -> None:
+            case.call_and_validate(headers=TOKEN, checks=NEGATIVE_CHECKS)
+
+        try:
+            fuzz()
+        except hypothesis.errors.Unsatisfiable:
+            continue  # nothing in it can be invalid (no parameters, no body): /healthz
+        fuzzed.append(operation.label)
+    assert len(fuzzed) >= 8, fuzzed
+    print(f"schemathesis negative: {len(REQUESTS)} requests over {len(fuzzed)} operations")
 
 
 def test_stateful_links(api_schema: schemathesis.schemas.BaseSchema, settings: Settings) -> None:

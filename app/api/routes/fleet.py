@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from app.api.deps import CallerDep, SessionDep
+from app.api.deps import CallerDep, SessionDep, known_query_only
 from app.api.errors import responses
 from app.api.schemas import DeviceList, DeviceOut, Fleet
 from app.db.devices import list_devices
 from app.db.fleet import fleet_summary
 from app.db.jobs import tenant_counts, tenant_job_ids
 
-router = APIRouter(prefix="/v1", tags=["fleet"])
+router = APIRouter(prefix="/v1", tags=["fleet"], dependencies=[Depends(known_query_only)])
 
 
 @router.get(
     "/devices",
     operation_id="listDevices",
     response_model=DeviceList,
-    responses=responses(401, 403, 503),
+    responses=responses(401, 403, 422, 503),
 )
 def get_devices(session: SessionDep, caller: CallerDep) -> DeviceList:
     """Every registered device, its worker, latest sample, and its current job when that job
@@ -39,7 +39,7 @@ def get_devices(session: SessionDep, caller: CallerDep) -> DeviceList:
 
 
 @router.get(
-    "/fleet", operation_id="fleet", response_model=Fleet, responses=responses(401, 403, 503)
+    "/fleet", operation_id="fleet", response_model=Fleet, responses=responses(401, 403, 422, 503)
 )
 def get_fleet(session: SessionDep, caller: CallerDep) -> Fleet:
     """Totals: devices by type and host, busy/idle, utilization; jobs by status and queued

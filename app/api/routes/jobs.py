@@ -13,12 +13,12 @@ from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import anyio.to_thread
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from app.api.deps import CallerDep, DispatcherDep, SessionDep, SettingsDep
+from app.api.deps import CallerDep, DispatcherDep, SessionDep, SettingsDep, known_query_only
 from app.api.errors import ApiError, responses
 from app.api.schemas import (
     DeviceFit,
@@ -46,7 +46,7 @@ from app.settings import Settings
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(known_query_only)])
 
 #: the most characters of log text one JSON page carries.
 LOG_PAGE_CHARS = 1_048_576
