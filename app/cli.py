@@ -168,6 +168,10 @@ def up(
             typer.echo(f"gpufleet up: {exc}", err=True)
             raise typer.Exit(2) from None
         upgrade(env.get("GPUFLEET_DATABASE_URL", settings.database_url))
+        no_tokens = not settings.auth_required and not settings.admin_tokens.strip()
+        if "command_jobs" not in settings.model_fields_set and no_tokens:
+            # No tokens: one local user, on loopback only (``ensure_safe_bind``), runs their code.
+            env["GPUFLEET_COMMAND_JOBS"] = "1"
         if not devices:
             typer.echo(
                 "gpufleet up: no GPU found and GPUFLEET_FAKE_GPUS is not set; starting the API "

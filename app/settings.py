@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     redispatch_after: float = Field(default=60.0, gt=0)
     telemetry_interval: float = Field(default=5.0, gt=0)
     fault_injection: bool = False
+    #: accept and run ``command`` jobs: the submitter's own program runs on the workers.
+    command_jobs: bool = False
     #: checkpoints kept per job; older ones are deleted once a newer one is recorded.
     checkpoints_keep: int = Field(default=3, ge=1)
     #: grace past expiry before the reaper takes a lease back (clock skew, slow commits).

@@ -176,18 +176,22 @@ class StopEscalation:
 
 
 class OutputShipper:
-    """Buffers the trainer's output and stores it every FLUSH_S, or at FLUSH_BYTES."""
+    """Buffers the trainer's output and stores it every FLUSH_S, or at FLUSH_BYTES. Keeps its
+    last TAIL_BYTES: a command's failure is classified from them (``app.domain.failures``)."""
 
     FLUSH_S = 1.0
     FLUSH_BYTES = 64 * 1024
+    TAIL_BYTES = 16 * 1024
 
     def __init__(self, writer: LeaseWriter) -> None:
         self.writer = writer
         self.buffer = b""
+        self.tail = b""
         self.flushed_at = time.monotonic()
 
     def feed(self, chunk: bytes) -> None:
         self.buffer += chunk
+        self.tail = (self.tail + chunk)[-self.TAIL_BYTES :]
         if len(self.buffer) >= self.FLUSH_BYTES:
             self.flush()
 

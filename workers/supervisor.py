@@ -29,6 +29,7 @@ from app.domain.spec import JobSpec
 from app.domain.states import ErrorKind, JobStatus, LeaseOutcome
 from app.domain.stopping import StopReason
 from app.settings import Settings
+from workers import command_job
 from workers.identity import WorkerIdentity
 from workers.lease_writer import LeaseWriter
 from workers.trainer_process import TrainerProcess
@@ -115,6 +116,9 @@ class Supervisor:
             return self._apply(
                 decision.Fail(ErrorKind.USER_ERROR, f"invalid spec: {exc}"), grant, writer, None
             )
+        if spec.command is not None and not self.settings.command_jobs:
+            refused = "this worker does not run command jobs (GPUFLEET_COMMAND_JOBS is off)"
+            return self._apply(decision.Fail(ErrorKind.USER_ERROR, refused), grant, writer, spec)
         batch = spec.training.batch_size
         micro = min(grant.micro_batch or batch, batch)
         checkpoints = grant.checkpoints
@@ -239,6 +243,8 @@ class Supervisor:
         )
         with tempfile.TemporaryDirectory(prefix="gpufleet-") as tmp:
             launch_file = self._launch(grant, spec, micro, checkpoints, Path(tmp))
+            if spec.command is not None:
+                return command_job.run(launch_file, Path(tmp) / "work", writer, cfg)
             warm = self.spare and self.spare.take(_framework(grant.spec), launch_file)
             return watch(warm or TrainerProcess.cold(launch_file), writer, cfg)
 
@@ -258,6 +264,8 @@ class Supervisor:
             fault_injection=self.settings.fault_injection,
             entrypoint_prefixes=self.settings.entrypoint_prefixes,
         )
+        if spec.command is not None:
+            launch = launch.model_copy(update={"output_dir": launch.checkpoint_dir / "output"})
         launch.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = tmp / "launch.json"
         launch.dump(path)

@@ -66,13 +66,19 @@ def trainer_environment(
 class TrainerProcess:
     """One trainer run's process: started, asked to stop, signalled as a group."""
 
-    def __init__(self, argv: list[str], *, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        *,
+        cwd: Path | None = None,
+        declared: Mapping[str, str] | None = None,
+    ) -> None:
         read_fd, write_fd = os.pipe()
-        self.environment = trainer_environment(os.environ)
+        self.environment = trainer_environment(os.environ, declared)
         env = {**self.environment, protocol.CONTROL_FD_ENV: str(write_fd)}
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", *argv],
+                argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -93,12 +99,17 @@ class TrainerProcess:
     @classmethod
     def cold(cls, launch_file: Path) -> TrainerProcess:
         """A trainer for ``launch_file`` in a fresh interpreter (imports and all)."""
-        return cls(["workers.trainers.main", str(launch_file)])
+        return cls([sys.executable, "-m", "workers.trainers.main", str(launch_file)])
 
     @classmethod
     def spare(cls, framework: str) -> TrainerProcess:
         """A trainer that imports ``framework`` now and waits for its launch (``hand``)."""
-        return cls(["workers.trainers.warm", framework])
+        return cls([sys.executable, "-m", "workers.trainers.warm", framework])
+
+    @classmethod
+    def command(cls, argv: list[str], *, env: Mapping[str, str], cwd: Path) -> TrainerProcess:
+        """A command job's own program (``workers.command_job``), run without a shell."""
+        return cls(argv, cwd=cwd, declared=env)
 
     def hand(self, launch_file: Path) -> bool:
         """Give a spare its job. False if it is gone (start a cold one instead)."""

@@ -63,6 +63,8 @@ class TrainerRun:
     failure: protocol.Failure | None
     #: the stop reason that decides the run's end (the highest seen), or None.
     stop: StopReason | None
+    #: the last lines of its output (stdout and stderr).
+    output_tail: str = ""
 
 
 def watch(trainer: TrainerProcess, writer: LeaseWriter, cfg: WatchSettings) -> TrainerRun:
@@ -125,7 +127,11 @@ def watch(trainer: TrainerProcess, writer: LeaseWriter, cfg: WatchSettings) -> T
     if deadline.fired:
         stops.observe(StopReason.DATABASE_UNREACHABLE)
     return TrainerRun(
-        exit_code=exit_code, result=relay.result, failure=relay.failure, stop=stops.winner
+        exit_code=exit_code,
+        result=relay.result,
+        failure=relay.failure,
+        stop=stops.winner,
+        output_tail=shipper.tail.decode(errors="replace"),
     )
 
 

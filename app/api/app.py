@@ -76,6 +76,10 @@ def _deployment_rules(schema: dict[str, Any], settings: Settings) -> dict[str, A
     props = job["properties"]
     if not settings.fault_injection:
         props.pop("faults", None)
+    if not settings.command_jobs:
+        for name in ("command", "env"):
+            props.pop(name, None)
+        job["anyOf"] = [b for b in job.get("anyOf", []) if "command" not in b.get("required", [])]
     prefixes = settings.entrypoint_prefixes
     if not prefixes:
         props.pop("entrypoint", None)

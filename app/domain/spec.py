@@ -7,7 +7,8 @@ the user sees at submit, not a default silently used for a week of training.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Self
+import shlex
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -213,15 +214,53 @@ class FaultSpec(_Strict):
         return self
 
 
+#: ``env`` names a job may not set: the worker's own variables, the GPU it was given, the
+#: dynamic loader, and which interpreter and code run.
+RESERVED_ENV_PREFIXES = ("GPUFLEET_", "CUDA_", "NVIDIA_", "LD_")
+RESERVED_ENV_NAMES = frozenset({"PATH", "PYTHONPATH", "PYTHONHOME"})
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: the most ``command`` arguments and ``env`` variables a job may give.
+MAX_COMMAND_ARGS = 256
+MAX_ENV_VARS = 64
+
+
+def _split_command(value: Any) -> Any:
+    """A command given as one string is split like a POSIX shell would (never run by one)."""
+    if isinstance(value, str):
+        try:
+            return shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"command: cannot split {value!r}: {exc}") from None
+    return value
+
+
+def _env_name(name: str) -> str:
+    if not _ENV_NAME_RE.match(name):
+        raise ValueError(f"env: {name!r} is not a variable name (letters, digits, '_')")
+    if name.upper() in RESERVED_ENV_NAMES or name.upper().startswith(RESERVED_ENV_PREFIXES):
+        reserved = ", ".join([*(p + "*" for p in RESERVED_ENV_PREFIXES), *RESERVED_ENV_NAMES])
+        raise ValueError(f"env: {name!r} is reserved for the worker ({reserved})")
+    return name
+
+
+Command = Annotated[
+    list[Annotated[Text, Field(min_length=1, max_length=4096)]],
+    Field(min_length=1, max_length=MAX_COMMAND_ARGS),
+]
+EnvName = Annotated[str, Field(max_length=128), AfterValidator(_env_name)]
+EnvValue = Annotated[Text, Field(max_length=8192)]
+
+
 class JobSpec(_Strict):
     model_config = ConfigDict(
         json_schema_extra={
-            "description": "A training job. Give 'framework' or an 'entrypoint' (custom "
-            "trainer; its module must be under GPUFLEET_ENTRYPOINT_ALLOW). 'faults' only where "
-            "GPUFLEET_FAULT_INJECTION=1.",
+            "description": "A training job. Give 'framework', an 'entrypoint' (custom "
+            "trainer; its module must be under GPUFLEET_ENTRYPOINT_ALLOW) or a 'command' (only "
+            "where GPUFLEET_COMMAND_JOBS=1). 'faults' only where GPUFLEET_FAULT_INJECTION=1.",
             "anyOf": [
                 {"required": ["framework"], "properties": {"framework": {"type": "string"}}},
                 {"required": ["entrypoint"], "properties": {"entrypoint": {"type": "string"}}},
+                {"required": ["command"]},
             ],
         }
     )
@@ -268,6 +307,22 @@ class JobSpec(_Strict):
         "could ever run it, it fails 'unschedulable'.",
     )
     faults: FaultSpec | None = None
+    command: Command | None = Field(
+        default=None,
+        description="Your own program: an argv list, or a string split like a shell would "
+        "(never run by one). Only where GPUFLEET_COMMAND_JOBS=1.",
+    )
+    env: dict[EnvName, EnvValue] = Field(
+        default_factory=dict,
+        max_length=MAX_ENV_VARS,
+        description="Plain, non-secret variables for a command job; names under GPUFLEET_, "
+        "CUDA_, NVIDIA_, LD_ and PATH, PYTHONPATH, PYTHONHOME are refused.",
+    )
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _command_argv(cls, value: Any) -> Any:
+        return _split_command(value)
 
     @field_validator("entrypoint")
     @classmethod
@@ -285,8 +340,16 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_way_to_train(self) -> Self:
+        if self.command is not None:
+            if self.entrypoint is not None:
+                raise ValueError("give 'command' or 'entrypoint', not both")
+            return self
         if self.entrypoint is None and self.framework is None:
-            raise ValueError("give 'framework' (torch or tensorflow) or an 'entrypoint'")
+            raise ValueError(
+                "give 'framework' (torch or tensorflow), an 'entrypoint' or a 'command'"
+            )
+        if self.env:
+            raise ValueError("'env' is for command jobs only")
         return self
 
     @property
@@ -306,9 +369,19 @@ class SpecPolicyError(ValueError):
 
 
 def check_policy(
-    spec: JobSpec, *, entrypoint_prefixes: tuple[str, ...], fault_injection: bool
+    spec: JobSpec,
+    *,
+    entrypoint_prefixes: tuple[str, ...],
+    fault_injection: bool,
+    command_jobs: bool = False,
 ) -> None:
-    """Deployment rules a spec must pass at submit: allowed entrypoints, fault injection."""
+    """Deployment rules a spec must pass at submit: allowed entrypoints, fault injection,
+    command jobs."""
+    if spec.command is not None and not command_jobs:
+        raise SpecPolicyError(
+            "command jobs are off in this deployment: its operator turns them on with "
+            "GPUFLEET_COMMAND_JOBS=1 (they run the submitter's program on the workers)"
+        )
     if spec.entrypoint is not None:
         module = spec.entrypoint.partition(":")[0]
         allowed = any(

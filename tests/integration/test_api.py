@@ -140,6 +140,7 @@ def test_idempotency_key(client: TestClient) -> None:
         (job_with(resources={"memory_gb": 500}), 422, "largest GPU tier"),
         (job_with(faults={"oom_above_micro_batch": 64}), 422, "GPUFLEET_FAULT_INJECTION"),
         (job_with(framework=None, entrypoint="evil.module:run"), 422, "not under an allowed"),
+        (job_with(framework=None, command="python train.py"), 422, "GPUFLEET_COMMAND_JOBS"),
         (job_with(training={"batch_size": 0}), 422, "training.batch_size"),
         ([1, 2, 3], 422, "body"),
         (job_with(name="a\x00b"), 422, "control character"),
@@ -152,6 +153,26 @@ def test_bad_input_gets_a_clear_4xx(
     response = client.post("/v1/jobs", json=body, headers=ALICE)
     assert response.status_code == status
     assert needle in error_of(response)
+
+
+def test_command_jobs_where_the_deployment_allows_them(settings: Settings) -> None:
+    # Given a deployment that runs command jobs
+    client = TestClient(create_app(settings.model_copy(update={**AUTH, "command_jobs": True})))
+    # Then a command job is taken, its string split into argv, and a reserved env refused
+    body = job_with(framework=None, command="python train.py --lr 3e-4", env={"LR": "1"})
+    created = client.post("/v1/jobs", json=body, headers=ALICE)
+    assert created.status_code == 201
+    assert created.json()["spec"]["command"] == ["python", "train.py", "--lr", "3e-4"]
+    bad = job_with(framework=None, command=["python"], env={"CUDA_VISIBLE_DEVICES": "0"})
+    refused = client.post("/v1/jobs", json=bad, headers=ALICE)
+    assert refused.status_code == 422 and "reserved" in error_of(refused)
+    assert client.get("/v1/jobs", headers=ALICE).json()["jobs"][0]["id"] == created.json()["id"]
+    # And the OpenAPI document offers 'command' here, and not where they are off
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["JobSpec"]
+    assert "command" in schema["properties"]
+    off = TestClient(create_app(settings.model_copy(update=AUTH)))
+    schema = off.get("/openapi.json").json()["components"]["schemas"]["JobSpec"]
+    assert "command" not in schema["properties"] and "env" not in schema["properties"]
 
 
 def test_malformed_json(client: TestClient) -> None:

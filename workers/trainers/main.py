@@ -130,8 +130,16 @@ def _settle(ctx: TrainContext) -> None:
 
 def run(launch: Launch, channel: ControlChannel, stop: StopFlag) -> int:
     ctx = TrainContext(launch, channel, stop)
+    return execute(ctx, channel, stop, lambda: resolve_trainer(launch)(ctx))
+
+
+def execute(
+    ctx: TrainContext, channel: ControlChannel, stop: StopFlag, train: Callable[[], Any]
+) -> int:
+    """Run ``train()`` and turn how it ended into the last message and the exit code (the
+    module's table). Shared with the SDK (``workers.sdk``), so command jobs end the same way."""
     try:
-        result = _result(resolve_trainer(launch)(ctx))
+        result = _result(train())
         ctx.wait_checkpoints()
     except StopRequested:
         _settle(ctx)

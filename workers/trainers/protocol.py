@@ -30,6 +30,8 @@ from app.domain.outcome import EXIT_USER_ERROR as EXIT_USER_ERROR
 from app.domain.spec import JobSpec
 
 CONTROL_FD_ENV = "GPUFLEET_CONTROL_FD"
+#: a command job's launch file (``Launch``), for the SDK (``workers.sdk``).
+LAUNCH_ENV = "GPUFLEET_LAUNCH"
 
 
 class Launch(BaseModel):
@@ -47,6 +49,9 @@ class Launch(BaseModel):
     device: Literal["cpu", "cuda"] = "cpu"
     fault_injection: bool = False
     entrypoint_prefixes: tuple[str, ...] = ()
+    #: a command job's output directory (``GPUFLEET_OUTPUT_DIR``): what it leaves there is
+    #: the job's artifacts.
+    output_dir: Path | None = None
 
     def dump(self, path: Path) -> None:
         path.write_text(self.model_dump_json())

@@ -71,6 +71,7 @@ def _checked(spec: JobSpec, settings: Settings) -> str:
             spec,
             entrypoint_prefixes=settings.entrypoint_prefixes,
             fault_injection=settings.fault_injection,
+            command_jobs=settings.command_jobs,
         )
         return spec.queue
     except (SpecPolicyError, RoutingError) as exc:

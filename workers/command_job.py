@@ -1,0 +1,122 @@
+"""A command job's run: the user's own program as the trainer process.
+
+The program is started without a shell, in the attempt's working directory, in its own
+process group, with the trainer's allow-listed environment plus the job's ``env`` and the
+environment protocol below (the contract for user code; ``docs/api.md``):
+
+===========================  =========================================================
+variable                     value
+===========================  =========================================================
+``GPUFLEET_JOB_ID``          the job's id
+``GPUFLEET_CHECKPOINT_DIR``  where checkpoints go (the SDK writes and records them)
+``GPUFLEET_RESUME_FROM``     the newest recorded checkpoint, or empty: start from scratch
+``GPUFLEET_OUTPUT_DIR``      what the job leaves here are its artifacts
+``GPUFLEET_BATCH_SIZE``      rows per optimizer step (never changes for a job)
+``GPUFLEET_MICRO_BATCH``     rows per forward/backward (halved after out-of-memory)
+``GPUFLEET_ACCUMULATION``    forward/backward passes per optimizer step
+``GPUFLEET_SEED``            ``training.seed``
+===========================  =========================================================
+
+``python`` on its ``PATH`` is the worker's interpreter (the one with the SDK, ``workers.sdk``,
+and the frameworks). A program that uses the SDK speaks the trainer protocol like the built-ins
+(progress, checkpoints, stop, exit codes). One that does not is still run: exit 0 is success;
+another exit is classified from the last lines of its output by the one failure table
+(``app.domain.failures``), so an out-of-memory message gets the micro-batch backoff; a killed
+one starts again from scratch (it recorded no checkpoint to resume from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from app.domain.failures import FailureKind, classify
+from app.domain.outcome import EXIT_INFRA, EXIT_OK, EXIT_OOM, EXIT_STOPPED, EXIT_USER_ERROR
+from workers.lease_writer import LeaseWriter
+from workers.trainer_process import TrainerProcess
+from workers.trainers.protocol import LAUNCH_ENV, Failure, Launch, Result
+from workers.watch import TrainerRun, WatchSettings, watch
+
+_EXIT_CODES: dict[FailureKind, int] = {
+    "oom": EXIT_OOM,
+    "infra": EXIT_INFRA,
+    "user_error": EXIT_USER_ERROR,
+}
+#: exit codes that already say how the run ended (the SDK's, ``app.domain.outcome``).
+_PROTOCOL_EXITS = frozenset({EXIT_OK, EXIT_STOPPED, *_EXIT_CODES.values()})
+
+
+def environment(launch: Launch, launch_file: Path) -> dict[str, str]:
+    """The job's ``env`` and the environment protocol (the module's table)."""
+    spec = launch.spec
+    resume = next((p for p in launch.resume_from if p.exists()), None)
+    micro = min(launch.micro_batch, spec.training.batch_size)
+    path = os.pathsep.join(
+        p for p in (str(Path(sys.executable).parent), os.environ.get("PATH", "")) if p
+    )
+    return {
+        **spec.env,
+        "PATH": path,
+        "GPUFLEET_JOB_ID": launch.job_id,
+        "GPUFLEET_CHECKPOINT_DIR": str(launch.checkpoint_dir),
+        "GPUFLEET_RESUME_FROM": str(resume or ""),
+        "GPUFLEET_OUTPUT_DIR": str(launch.output_dir or ""),
+        "GPUFLEET_BATCH_SIZE": str(spec.training.batch_size),
+        "GPUFLEET_MICRO_BATCH": str(micro),
+        "GPUFLEET_ACCUMULATION": str(-(-spec.training.batch_size // micro)),
+        "GPUFLEET_SEED": str(spec.training.seed),
+        LAUNCH_ENV: str(launch_file),
+    }
+
+
+def start(launch: Launch, launch_file: Path, workdir: Path) -> TrainerProcess:
+    """Start the command; OSError if it cannot be (not found, not executable)."""
+    assert launch.spec.command is not None
+    return TrainerProcess.command(
+        launch.spec.command, env=environment(launch, launch_file), cwd=workdir
+    )
+
+
+def not_started(argv0: str, exc: OSError) -> TrainerRun:
+    """The run of a command that could not be started: the user's error."""
+    message = f"cannot run the command {argv0!r}: {exc.strerror or exc}"
+    return TrainerRun(
+        exit_code=EXIT_USER_ERROR,
+        result=None,
+        failure=Failure(kind="user_error", message=message),
+        stop=None,
+    )
+
+
+def settle(run: TrainerRun, output_dir: Path | None) -> TrainerRun:
+    """A command's run in the trainer protocol's terms: exit 0 is a result; an exit the
+    protocol does not know is classified from the output's last lines."""
+    code = run.exit_code
+    if run.result is not None or run.failure is not None or code is None:
+        return run
+    if code == EXIT_OK:
+        result = Result(final_loss=None, model_path=str(output_dir or ""), weights_sha256="")
+        return dataclasses.replace(run, result=result)
+    if code < 0 or code in _PROTOCOL_EXITS:  # killed by a signal, or the SDK's own exit
+        return run
+    found = classify(stderr_tail=run.output_tail)
+    last = next((ln for ln in reversed(run.output_tail.splitlines()) if ln.strip()), "")
+    message = f"the command exited with code {code}: {last.strip()}"[:4000]
+    failure = Failure(kind=found.kind, message=message, device_suspect=found.device_suspect)
+    return dataclasses.replace(run, exit_code=_EXIT_CODES[found.kind], failure=failure)
+
+
+def run(launch_file: Path, workdir: Path, writer: LeaseWriter, cfg: WatchSettings) -> TrainerRun:
+    """Start the command of ``launch_file`` in ``workdir`` and watch it to its end."""
+    launch = Launch.load(launch_file)
+    assert launch.spec.command is not None
+    workdir.mkdir(parents=True, exist_ok=True)
+    if launch.output_dir is not None:
+        launch.output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        trainer = start(launch, launch_file, workdir)
+    except OSError as exc:
+        return not_started(launch.spec.command[0], exc)
+    return settle(watch(trainer, writer, cfg), launch.output_dir)
