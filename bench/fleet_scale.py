@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from sqlalchemy import inspect
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,11 +48,11 @@ from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.registry import CollectorRegistry  # noqa: E402
 
 from app.api.metrics import FleetCollector  # noqa: E402
+from app.db import counters, leases  # noqa: E402
 from app.db import devices as device_rows  # noqa: E402
 from app.db import jobs as job_rows  # noqa: E402
-from app.db import leases  # noqa: E402
 from app.db.fleet import fleet_summary  # noqa: E402
-from app.db.session import session_scope  # noqa: E402
+from app.db.session import engine_for, session_scope  # noqa: E402
 from app.domain.spec import JobSpec  # noqa: E402
 from app.domain.states import JobStatus, LeaseOutcome  # noqa: E402
 from app.settings import Settings  # noqa: E402
@@ -174,11 +175,22 @@ def seed(url: str, dsn: str, *, queued: int, ended: int) -> None:
             SELECT nj.id, 2, 100, '/ckpt/' || nj.id || '/step-100.pt'
               FROM new_jobs nj WHERE nj.n > %(q)s
             """,
-            """
-            ANALYZE
-            """,
         ):
             conn.execute(statement, {"q": queued} if "%(q)s" in statement else None)
+    fold_all(url)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+
+
+def fold_all(url: str) -> None:
+    """Fold the bulk insert's counter deltas, as the reaper would have over its passes (a
+    database that has been running holds only the latest pass's deltas)."""
+    if "fleet_counters" not in inspect(engine_for(url)).get_table_names():
+        return  # before the fleet counters
+    while True:
+        with session_scope(url) as session:
+            if not counters.fold(session=session, limit=20_000):
+                return
 
 
 # ---------------------------------------------------------------- the simulated fleet

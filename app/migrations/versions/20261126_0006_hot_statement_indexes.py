@@ -46,6 +46,12 @@ def upgrade() -> None:
         postgresql_include=["retry_at"],
     )
     op.create_index(
+        "ix_jobs_retry_waiting",
+        "jobs",
+        ["queue", "retry_at"],
+        postgresql_where=sa.text("status = 'queued' AND retry_at IS NOT NULL"),
+    )
+    op.create_index(
         "ix_jobs_max_wait",
         "jobs",
         ["created_at"],
@@ -152,6 +158,7 @@ def downgrade() -> None:
         ("ix_jobs_created", "jobs"),
         ("ix_jobs_tenant_status_created", "jobs"),
         ("ix_jobs_max_wait", "jobs"),
+        ("ix_jobs_retry_waiting", "jobs"),
         ("ix_jobs_queued_dispatch", "jobs"),
     ):
         op.drop_index(name, table_name=table)
