@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from sqlalchemy import inspect
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,11 +48,11 @@ from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.registry import CollectorRegistry  # noqa: E402
 
 from app.api.metrics import FleetCollector  # noqa: E402
+from app.db import counters, leases  # noqa: E402
 from app.db import devices as device_rows  # noqa: E402
 from app.db import jobs as job_rows  # noqa: E402
-from app.db import leases  # noqa: E402
 from app.db.fleet import fleet_summary  # noqa: E402
-from app.db.session import session_scope  # noqa: E402
+from app.db.session import engine_for, session_scope  # noqa: E402
 from app.domain.spec import JobSpec  # noqa: E402
 from app.domain.states import JobStatus, LeaseOutcome  # noqa: E402
 from app.settings import Settings  # noqa: E402
@@ -174,11 +175,22 @@ def seed(url: str, dsn: str, *, queued: int, ended: int) -> None:
             SELECT nj.id, 2, 100, '/ckpt/' || nj.id || '/step-100.pt'
               FROM new_jobs nj WHERE nj.n > %(q)s
             """,
-            """
-            ANALYZE
-            """,
         ):
             conn.execute(statement, {"q": queued} if "%(q)s" in statement else None)
+    fold_all(url)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+
+
+def fold_all(url: str) -> None:
+    """Fold the bulk insert's counter deltas, as the reaper would have over its passes (a
+    database that has been running holds only the latest pass's deltas)."""
+    if "fleet_counters" not in inspect(engine_for(url)).get_table_names():
+        return  # before the fleet counters
+    while True:
+        with session_scope(url) as session:
+            if not counters.fold(session=session, limit=20_000):
+                return
 
 
 # ---------------------------------------------------------------- the simulated fleet
@@ -204,6 +216,10 @@ class SimWorker:
     job: uuid.UUID | None = None
     #: the supervisor's writer for the running job (the real one: what it batches, we do).
     writer: LeaseWriter | None = None
+    #: bumped per job: a job's scheduled writes carry it, and die with the job.
+    generation: int = 0
+    #: one write at a time per worker, as its supervisor's single loop does.
+    lock: threading.Lock = field(default_factory=threading.Lock)
     started: float = 0.0
     step: int = 0
 
@@ -272,8 +288,16 @@ class Fleet:
             self.stats.lag.append(time.monotonic() - at)
             self.pool.submit(self.act, index, kind)
 
-    def act(self, index: int, kind: str) -> None:
-        w, s, now = self.workers[index], self.s, time.monotonic()
+    def act(self, index: int, tagged: str) -> None:
+        w, s = self.workers[index], self.s
+        kind, _, generation = tagged.partition("@")
+        with w.lock:
+            if generation and int(generation) != w.generation:
+                return  # a write of the worker's previous job
+            self._timed(w, kind, tagged, s)
+
+    def _timed(self, w: SimWorker, kind: str, tagged: str, s: Settings) -> None:
+        index, now = w.index, time.monotonic()
         started = time.perf_counter()
         try:
             next_at = self._act(w, kind, now)
@@ -284,7 +308,7 @@ class Fleet:
         else:
             self.stats.add(kind, time.perf_counter() - started)
         if next_at is not None:
-            self.schedule(next_at, index, kind)
+            self.schedule(next_at, index, tagged)
 
     def _act(self, w: SimWorker, kind: str, now: float) -> float | None:
         s, a, url = self.s, self.args, self.s.database_url
@@ -304,14 +328,15 @@ class Fleet:
                             session=session, uuid=w.device, worker=w.name, job_id=job
                         )
                         w.job, w.started, w.step = job, now, 0
+                        w.generation += 1
                         w.writer = LeaseWriter(url, job, grant.epoch, ttl=s.lease_ttl)
                         for k, every in (
                             ("heartbeat", s.heartbeat_interval),
                             ("progress", a.progress_every),
                             ("checkpoint", a.checkpoint_every),
                         ):
-                            self.schedule(now + every, w.index, k)
-                        self.schedule(now + a.job_seconds, w.index, "finish")
+                            self.schedule(now + every, w.index, f"{k}@{w.generation}")
+                        self.schedule(now + a.job_seconds, w.index, f"finish@{w.generation}")
                         return None
                 return now + s.heartbeat_interval
             if kind == "device_heartbeat":

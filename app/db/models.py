@@ -118,6 +118,13 @@ class Job(Base):
                 "status = 'queued' AND NOT cancel_requested AND strpos(queue, ' ') > 0"
             ),
         ),
+        # Queued jobs still waiting out a retry backoff (the reaper's due count subtracts them).
+        Index(
+            "ix_jobs_retry_waiting",
+            "queue",
+            "retry_at",
+            postgresql_where=text("status = 'queued' AND retry_at IS NOT NULL"),
+        ),
         Index(
             "ix_jobs_max_wait",
             "created_at",

@@ -6,9 +6,11 @@ import time
 
 from sqlalchemy import text
 
+from app.db import leases, reaping
 from app.db.jobs import submit_job
 from app.db.session import session_scope
 from app.domain.spec import JobSpec
+from app.domain.states import ErrorKind
 from app.queue import Dispatcher
 from app.settings import Settings
 from workers.reaper import Reaper
@@ -50,3 +52,26 @@ def test_one_pass_resends_a_thousand_lost_wake_ups_of_one_queue(
     assert dispatcher.pending(queue) == GPUS
     assert took < 10, f"the pass took {took:.1f}s"
     assert reaper.pass_once().dispatched == 0
+
+
+def test_due_jobs_per_queue_leave_out_those_waiting_out_a_retry(settings: Settings) -> None:
+    # Given three queued jobs on one queue, one of them back from a failed try with a backoff
+    with session_scope(settings.database_url) as s:
+        ids = [submit_job(session=s, tenant="t", spec=SPEC).job_id for _ in range(3)]
+        grant = leases.acquire_lease(session=s, job_id=ids[0], worker="w", device_uuid=None, ttl=60)
+        assert grant is not None
+        leases.requeue_for_retry(
+            session=s,
+            job_id=ids[0],
+            epoch=grant.epoch,
+            kind=ErrorKind.INFRA,
+            message="x",
+            backoff_s=3600,
+        )
+    # Then two are due; once the backoff has passed, three
+    with session_scope(settings.database_url) as s:
+        assert reaping.due_per_queue(session=s) == {SPEC.queue: 2}
+        s.execute(
+            text("UPDATE jobs SET retry_at = now() - interval '1 s' WHERE id = :j"), {"j": ids[0]}
+        )
+        assert reaping.due_per_queue(session=s) == {SPEC.queue: 3}

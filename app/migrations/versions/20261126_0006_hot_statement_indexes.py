@@ -52,6 +52,12 @@ def upgrade() -> None:
         postgresql_where=sa.text(f"{_QUEUED.text} AND strpos(queue, ' ') > 0"),
     )
     op.create_index(
+        "ix_jobs_retry_waiting",
+        "jobs",
+        ["queue", "retry_at"],
+        postgresql_where=sa.text("status = 'queued' AND retry_at IS NOT NULL"),
+    )
+    op.create_index(
         "ix_jobs_max_wait",
         "jobs",
         ["created_at"],
@@ -159,6 +165,7 @@ def downgrade() -> None:
         ("ix_jobs_tenant_status_created", "jobs"),
         ("ix_jobs_max_wait", "jobs"),
         ("ix_jobs_queued_alternatives", "jobs"),
+        ("ix_jobs_retry_waiting", "jobs"),
         ("ix_jobs_queued_dispatch", "jobs"),
     ):
         op.drop_index(name, table_name=table)
