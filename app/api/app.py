@@ -57,7 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(jobs.router)
     app.include_router(fleet.router)
-    app.include_router(snapshots.router)
+    if settings.command_jobs:  # snapshots exist for command jobs only
+        app.include_router(snapshots.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

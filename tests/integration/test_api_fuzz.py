@@ -79,30 +79,18 @@ def test_every_operation_answers_as_documented(
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 12
     for operation in operations:
-        _fuzz(operation, checks_for(operation))
+
+        @hypothesis.given(case=operation.as_strategy())
+        @SETTINGS
+        def fuzz(case: schemathesis.Case) -> None:
+            case.call_and_validate(headers=TOKEN, checks=CHECKS)
+
+        fuzz()
     print(f"schemathesis: {len(REQUESTS)} requests over {len(operations)} operations")
 
 
-def checks_for(operation: Any) -> list[Any]:
-    """A snapshot's body must be a safe tar.gz, which a schema cannot say: random bytes that
-    match "binary" are rightly a 422 there."""
-    if operation.definition.raw.get("operationId") == "uploadSnapshot":
-        return [c for c in CHECKS if c is not positive_data_acceptance]
-    return CHECKS
-
-
-def _fuzz(operation: Any, checks: list[Any]) -> None:
-    @hypothesis.given(case=operation.as_strategy())
-    @SETTINGS
-    def fuzz(case: schemathesis.Case) -> None:
-        case.call_and_validate(headers=TOKEN, checks=checks)
-
-    fuzz()
-
-
 def test_stateful_links(api_schema: schemathesis.schemas.BaseSchema, settings: Settings) -> None:
-    # Uploads have no links, and hypothesis finds their binary bodies flaky in a state machine.
-    base = api_schema.exclude(operation_id="uploadSnapshot").as_state_machine()
+    base = api_schema.as_state_machine()
 
     class Workflow(base):  # type: ignore[misc,valid-type]
         def setup(self) -> None:
@@ -115,7 +103,7 @@ def test_stateful_links(api_schema: schemathesis.schemas.BaseSchema, settings: S
             return {"headers": TOKEN}
 
         def validate_response(self, response, case, additional_checks=None, **kwargs):  # type: ignore[no-untyped-def]
-            case.validate_response(response, checks=checks_for(case.operation))
+            case.validate_response(response, checks=CHECKS)
 
     Workflow.run(settings=hypothesis.settings(SETTINGS, max_examples=15, stateful_step_count=6))
     print(f"schemathesis stateful: {len(REQUESTS)} requests")
