@@ -69,6 +69,20 @@ def _load_spec(path: Path) -> dict[str, Any]:
     return data
 
 
+def _upload_workdir(client: Client, workdir: Path) -> str:
+    from app.snapshots import pack
+
+    archive = pack(workdir)
+    snapshot, sent = client.upload_snapshot(archive)
+    how = "uploaded" if sent else "already uploaded"
+    errors.print(
+        f"snapshot {snapshot['id'][:12]} of {workdir} ({len(archive)} bytes, {how})",
+        markup=False,
+        highlight=False,
+    )
+    return str(snapshot["id"])
+
+
 def _follow(client: Client, job_id: str) -> dict[str, Any]:
     """A progress bar (steps, loss) until the job ends."""
     columns = (
@@ -163,11 +177,23 @@ def register(cli: typer.Typer) -> None:
         idempotency_key: Annotated[
             str | None, typer.Option(help="Submit at most once (default: a fresh key).")
         ] = None,
+        workdir: Annotated[
+            Path | None,
+            typer.Option(
+                help="Pack this directory (minus .gitignore / .gpufleetignore matches) as the "
+                "command's working directory; uploaded once per content.",
+                file_okay=False,
+                exists=True,
+            ),
+        ] = None,
     ) -> None:
         """Submit a training job (at most once, even through a dropped connection)."""
         client = _client()
+        spec = _load_spec(file)
         try:
-            job = client.submit(_load_spec(file), idempotency_key=idempotency_key)
+            if workdir is not None:
+                spec["snapshot"] = _upload_workdir(client, workdir)
+            job = client.submit(spec, idempotency_key=idempotency_key)
             typer.echo(job["id"])
             if job.get("waiting_reason"):
                 errors.print(f"waiting: {job['waiting_reason']}")

@@ -6,6 +6,7 @@ live streams reconnect with ``Last-Event-ID`` until the server says the job has 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -111,6 +112,20 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         job: dict[str, Any] = self._call("POST", "/v1/jobs", json=spec, headers=headers)
         return job
+
+    def upload_snapshot(self, archive: bytes) -> tuple[dict[str, Any], bool]:
+        """Upload a tar.gz unless this tenant has it already (content-addressed, so a retry is
+        safe). Returns the snapshot and whether it was sent."""
+        snapshot_id = hashlib.sha256(archive).hexdigest()
+        try:
+            found: dict[str, Any] = self._call("GET", f"/v1/snapshots/{snapshot_id}")
+            return found, False
+        except ClientError as exc:
+            if not str(exc).startswith("404"):
+                raise
+        headers = {"Content-Type": "application/octet-stream"}
+        sent: dict[str, Any] = self._call("POST", "/v1/snapshots", content=archive, headers=headers)
+        return sent, True
 
     def validate(self, spec: dict[str, Any]) -> dict[str, Any]:
         verdict: dict[str, Any] = self._call("POST", "/v1/jobs/validate", json=spec)

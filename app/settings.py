@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@localhost:5432/gpufleet"
@@ -52,6 +52,18 @@ class Settings(BaseSettings):
     fault_injection: bool = False
     #: accept and run ``command`` jobs: the submitter's own program runs on the workers.
     command_jobs: bool = False
+    #: where snapshots go (``app.storage``): blank (``storage_root``), file:///dir or
+    #: s3://bucket/prefix.
+    storage_url: str = Field(
+        default="", pattern=r"^(|file:///.*|s3://[a-z0-9][a-z0-9.-]{1,62}(/.*)?)$"
+    )
+    storage_root: Path = Path("./var/storage")
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: SecretStr = SecretStr("")
+    #: the largest code snapshot ``POST /v1/snapshots`` takes (413 above it).
+    snapshot_max_bytes: int = Field(default=100_000_000, ge=1024)
     #: checkpoints kept per job; older ones are deleted once a newer one is recorded.
     checkpoints_keep: int = Field(default=3, ge=1)
     #: grace past expiry before the reaper takes a lease back (clock skew, slow commits).

@@ -30,10 +30,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from app.domain.failures import FailureKind, classify
 from app.domain.outcome import EXIT_INFRA, EXIT_OK, EXIT_OOM, EXIT_STOPPED, EXIT_USER_ERROR
+from app.snapshots import UnsafeArchive, sha256_file, unpack
+from app.storage import Store
 from workers.lease_writer import LeaseWriter
 from workers.trainer_process import TrainerProcess
 from workers.trainers.protocol import LAUNCH_ENV, Failure, Launch, Result
@@ -79,13 +82,34 @@ def start(launch: Launch, launch_file: Path, workdir: Path) -> TrainerProcess:
     )
 
 
+class SnapshotMissing(Exception):
+    """The job's snapshot is not in the store."""
+
+
+def fetch_snapshot(store: Store, key: str, snapshot_id: str, workdir: Path) -> None:
+    """Download the snapshot, check its sha256 and its members, unpack it into ``workdir``."""
+    archive = workdir.parent / "snapshot.tar.gz"
+    try:
+        store.get_file(key, archive)
+    except FileNotFoundError:
+        raise SnapshotMissing(f"snapshot {snapshot_id} is not in the store") from None
+    got = sha256_file(archive)
+    if got != snapshot_id:
+        raise OSError(f"snapshot {snapshot_id}: the download's sha256 is {got}")
+    unpack(archive, workdir)
+    archive.unlink()
+
+
 def not_started(argv0: str, exc: OSError) -> TrainerRun:
     """The run of a command that could not be started: the user's error."""
-    message = f"cannot run the command {argv0!r}: {exc.strerror or exc}"
+    return _failed("user_error", f"cannot run the command {argv0!r}: {exc.strerror or exc}")
+
+
+def _failed(kind: FailureKind, message: str) -> TrainerRun:
     return TrainerRun(
-        exit_code=EXIT_USER_ERROR,
+        exit_code=_EXIT_CODES[kind],
         result=None,
-        failure=Failure(kind="user_error", message=message),
+        failure=Failure(kind=kind, message=message),
         stop=None,
     )
 
@@ -108,13 +132,29 @@ def settle(run: TrainerRun, output_dir: Path | None) -> TrainerRun:
     return dataclasses.replace(run, exit_code=_EXIT_CODES[found.kind], failure=failure)
 
 
-def run(launch_file: Path, workdir: Path, writer: LeaseWriter, cfg: WatchSettings) -> TrainerRun:
-    """Start the command of ``launch_file`` in ``workdir`` and watch it to its end."""
+def run(
+    launch_file: Path,
+    workdir: Path,
+    writer: LeaseWriter,
+    cfg: WatchSettings,
+    snapshot: Callable[[Path], None] | None = None,
+) -> TrainerRun:
+    """Start the command of ``launch_file`` in ``workdir`` (the job's snapshot unpacked there by
+    ``snapshot(workdir)``, if it has one) and watch it to its end."""
     launch = Launch.load(launch_file)
     assert launch.spec.command is not None
     workdir.mkdir(parents=True, exist_ok=True)
     if launch.output_dir is not None:
         launch.output_dir.mkdir(parents=True, exist_ok=True)
+    if snapshot is not None:
+        try:
+            snapshot(workdir)
+        except SnapshotMissing as exc:
+            return _failed("user_error", str(exc))
+        except UnsafeArchive as exc:
+            return _failed("user_error", f"snapshot refused: {exc}")
+        except OSError as exc:  # the store, the disk, or a download that does not match
+            return _failed("infra", f"could not fetch the snapshot: {exc}")
     try:
         trainer = start(launch, launch_file, workdir)
     except OSError as exc:

@@ -13,14 +13,16 @@ import logging
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from app import snapshots
 from app.db import devices as device_rows
-from app.db import leases
+from app.db import leases, owners
 from app.db.session import session_scope
 from app.domain import outcome as decision
 from app.domain.retry import accumulation_for, infra_backoff
@@ -29,6 +31,7 @@ from app.domain.spec import JobSpec
 from app.domain.states import ErrorKind, JobStatus, LeaseOutcome
 from app.domain.stopping import StopReason
 from app.settings import Settings
+from app.storage import open_store
 from workers import command_job
 from workers.identity import WorkerIdentity
 from workers.lease_writer import LeaseWriter
@@ -244,9 +247,26 @@ class Supervisor:
         with tempfile.TemporaryDirectory(prefix="gpufleet-") as tmp:
             launch_file = self._launch(grant, spec, micro, checkpoints, Path(tmp))
             if spec.command is not None:
-                return command_job.run(launch_file, Path(tmp) / "work", writer, cfg)
+                workdir = Path(tmp) / "work"
+                return command_job.run(
+                    launch_file, workdir, writer, cfg, self._snapshot(grant, spec)
+                )
             warm = self.spare and self.spare.take(_framework(grant.spec), launch_file)
             return watch(warm or TrainerProcess.cold(launch_file), writer, cfg)
+
+    def _snapshot(self, grant: leases.LeaseGrant, spec: JobSpec) -> Callable[[Path], None] | None:
+        """How the job's snapshot gets into its working directory, if it has one."""
+        snapshot_id = spec.snapshot
+        if snapshot_id is None:
+            return None
+
+        def fetch(workdir: Path) -> None:
+            with session_scope(self.settings.database_url) as session:
+                tenant = owners.tenant_of(session=session, job_id=grant.job_id)
+            key = snapshots.key(tenant or "", snapshot_id)
+            command_job.fetch_snapshot(open_store(self.settings), key, snapshot_id, workdir)
+
+        return fetch
 
     def _launch(
         self, grant: leases.LeaseGrant, spec: JobSpec, micro: int, checkpoints: list[str], tmp: Path

@@ -16,7 +16,7 @@ from psycopg.types.json import set_json_loads
 from app.api import errors
 from app.api.deps import Auth
 from app.api.metrics import make_registry
-from app.api.routes import fleet, jobs, ops
+from app.api.routes import fleet, jobs, ops, snapshots
 from app.api.streams import StreamHub
 from app.queue import Dispatcher
 from app.settings import Settings, SettingsError, get_settings
@@ -47,10 +47,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = make_registry(settings)
     app.state.streams = hub
     errors.install(app)
-    app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(
+        errors.BodyLimit,
+        limit=settings.max_body_bytes,
+        overrides={
+            snapshots.PATH: (settings.snapshot_max_bytes, "GPUFLEET_SNAPSHOT_MAX_BYTES"),
+        },
+    )
     app.include_router(ops.router)
     app.include_router(jobs.router)
     app.include_router(fleet.router)
+    if settings.command_jobs:  # snapshots exist for command jobs only
+        app.include_router(snapshots.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -77,7 +85,7 @@ def _deployment_rules(schema: dict[str, Any], settings: Settings) -> dict[str, A
     if not settings.fault_injection:
         props.pop("faults", None)
     if not settings.command_jobs:
-        for name in ("command", "env"):
+        for name in ("command", "env", "snapshot"):
             props.pop(name, None)
         job["anyOf"] = [b for b in job.get("anyOf", []) if "command" not in b.get("required", [])]
     prefixes = settings.entrypoint_prefixes

@@ -67,29 +67,34 @@ class BodyTooLarge(HTTPException):
     """Raised while a body is read, as soon as it passes the limit (FastAPI re-raises
     HTTPExceptions from body parsing instead of turning them into a 400)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than {limit} bytes")
+    def __init__(self, limit: int, setting: str = "GPUFLEET_MAX_BODY_BYTES") -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes ({setting})")
 
 
 class BodyLimit:
     """413 for bodies over ``limit`` bytes: at once from Content-Length, else while the body
     streams in, before it is held whole in memory."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(
+        self, app: ASGIApp, limit: int, overrides: dict[str, tuple[int, str]] | None = None
+    ) -> None:
+        self.app, self.default = app, (limit, "GPUFLEET_MAX_BODY_BYTES")
+        #: path -> its own limit and the setting that sets it (uploads).
+        self.overrides = overrides or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, setting = self.overrides.get(scope.get("path", ""), self.default)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
-                    too_large = int(value) > self.limit
+                    too_large = int(value) > limit
                 except ValueError:
                     too_large = False
                 if too_large:
-                    exc = BodyTooLarge(self.limit)
+                    exc = BodyTooLarge(limit, setting)
                     response = JSONResponse(
                         error_body("too_large", str(exc.detail)), status_code=413
                     )
@@ -102,8 +107,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge(self.limit)
+                if seen > limit:
+                    raise BodyTooLarge(limit, setting)
             return message
 
         await self.app(scope, limited, send)

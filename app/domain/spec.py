@@ -312,6 +312,12 @@ class JobSpec(_Strict):
         description="Your own program: an argv list, or a string split like a shell would "
         "(never run by one). Only where GPUFLEET_COMMAND_JOBS=1.",
     )
+    snapshot: str | None = Field(
+        default=None,
+        description="A code snapshot of yours (POST /v1/snapshots): unpacked as the command's "
+        "working directory.",
+        pattern=r"^[0-9a-f]{64}$",
+    )
     env: dict[EnvName, EnvValue] = Field(
         default_factory=dict,
         max_length=MAX_ENV_VARS,
@@ -350,6 +356,8 @@ class JobSpec(_Strict):
             )
         if self.env:
             raise ValueError("'env' is for command jobs only")
+        if self.snapshot is not None:
+            raise ValueError("'snapshot' is for command jobs only")
         return self
 
     @property

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.api.deps import CallerDep, DispatcherDep, SessionDep, SettingsDep, known_query_only
 from app.api.errors import ApiError, responses
+from app.api.routes.snapshots import require_snapshot
 from app.api.schemas import (
     DeviceFit,
     EventOut,
@@ -148,7 +149,7 @@ _JOB_LINKS = {
             "description": "The job an earlier request with this key made.",
             "links": _JOB_LINKS,
         },
-        **responses(401, 403, 409, 413, 422, 503),
+        **responses(401, 403, 404, 409, 413, 422, 503),
     },
 )
 def submit(
@@ -169,6 +170,8 @@ def submit(
     if caller.tenant is None:
         raise ApiError(403, "forbidden", "admin tokens do not submit jobs: use a tenant token")
     _checked(spec, settings)
+    if spec.snapshot is not None:
+        require_snapshot(settings, caller.tenant, spec.snapshot)
     with open_session(settings.database_url) as session:
         _gang_checked(session, spec)
         return _submit(session, spec, caller.tenant, idempotency_key, dispatcher)
