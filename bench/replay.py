@@ -295,16 +295,19 @@ def summarize(ran: list[Ran], gpus: list[Gpu]) -> dict[str, float]:
             if any(min(b, r.held_from) - max(a, r.submitted) > VIOLATION_S for a, b in spans):
                 violations += 1
                 break
-    # idle gap on a busy device: release -> next lease, when a job it fits was waiting
+    # idle gap on a busy device: from a release while a job it fits waited, to its next lease
+    # or to the moment no such job waits any more (it started elsewhere), whichever is first
     gaps = []
     for name in by_name:
         runs = sorted((r for r in ran if r.gpu == name), key=lambda r: r.ended)
         for cur, nxt in itertools.pairwise(runs):
-            waiting = any(
-                o.submitted <= cur.ended < o.held_from and o.job.fits(by_name[name]) for o in ran
-            )
-            if waiting:
-                gaps.append(max(0.0, nxt.held_from - cur.ended))
+            waited = [
+                o.held_from
+                for o in ran
+                if o.submitted <= cur.ended < o.held_from and o.job.fits(by_name[name])
+            ]
+            if waited:
+                gaps.append(max(0.0, min(nxt.held_from, max(waited)) - cur.ended))
     overhead = [r.started - r.leased for r in ran if r.leased is not None]
     return {
         "delay_mean": statistics.mean(delays),
@@ -332,11 +335,11 @@ def scarce_share(ran: list[Ran], gpus: list[Gpu]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=60)
+    parser.add_argument("--jobs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--fleet", default="T4:16,T4:16,T4:16,T4:16,T4:16,A100:80,A100:80")
-    parser.add_argument("--load", type=float, default=0.7, help="offered load (0-1)")
-    parser.add_argument("--median", type=float, default=6.0, help="median job seconds")
+    parser.add_argument("--load", type=float, default=0.6, help="offered load (0-1)")
+    parser.add_argument("--median", type=float, default=10.0, help="median job seconds")
     parser.add_argument("--no-defer-too", action="store_true", help="also run without placement")
     args = parser.parse_args()
     planned = parse_fleet(args.fleet)
