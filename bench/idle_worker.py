@@ -21,9 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.embedded import EmbeddedPostgres, EmbeddedRedis  # noqa: E402
-from app.migrations import upgrade  # noqa: E402
-from tests.e2e.fleet import Fleet  # noqa: E402
+from bench.rig import private_fleet  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -51,40 +49,22 @@ def cpu_s(pid: int) -> float:
 
 
 def measure(warm: bool, seconds: float, tmp: Path) -> dict[str, float]:
-    with (
-        EmbeddedPostgres(tmp / "pg", durable=False).start() as pg,
-        EmbeddedRedis(tmp / "redis", durable=False).start() as broker,
-    ):
-        db_url = pg.ensure_database()
-        upgrade(db_url)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
-        env.update(
-            {
-                "GPUFLEET_DATABASE_URL": db_url,
-                "GPUFLEET_BROKER_URL": broker.url(),
-                "GPUFLEET_CHECKPOINT_ROOT": str(tmp / "checkpoints"),
-                "GPUFLEET_WARM_SPARE": "1" if warm else "0",
-            }
-        )
-        fleet = Fleet(env=env, workdir=tmp)
-        try:
-            fleet.start_api()
-            worker = fleet.start_worker("worker", fake_gpus="A100:80", host="idle")
-            fleet.wait_workers_ready(1, timeout=120)
-            time.sleep(20.0)  # the spare has imported torch
-            tree = worker.tree()
-            before = sum(cpu_s(p) for p in tree)
-            time.sleep(seconds)
-            used = sum(cpu_s(p) for p in tree) - before
-            mem = [memory_kib(p) for p in tree]
-            return {
-                "processes": len(tree),
-                "rss_mib": sum(m[0] for m in mem) / 1024,
-                "pss_mib": sum(m[1] for m in mem) / 1024,
-                "cpu_pct": 100 * used / seconds,
-            }
-        finally:
-            fleet.stop()
+    with private_fleet(tmp, {"GPUFLEET_WARM_SPARE": "1" if warm else "0"}) as (fleet, _):
+        fleet.start_api()
+        worker = fleet.start_worker("worker", fake_gpus="A100:80", host="idle")
+        fleet.wait_workers_ready(1, timeout=120)
+        time.sleep(20.0)  # the spare has imported torch
+        tree = worker.tree()
+        before = sum(cpu_s(p) for p in tree)
+        time.sleep(seconds)
+        used = sum(cpu_s(p) for p in tree) - before
+        mem = [memory_kib(p) for p in tree]
+        return {
+            "processes": len(tree),
+            "rss_mib": sum(m[0] for m in mem) / 1024,
+            "pss_mib": sum(m[1] for m in mem) / 1024,
+            "cpu_pct": 100 * used / seconds,
+        }
 
 
 def main() -> None:

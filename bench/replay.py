@@ -27,7 +27,6 @@ import argparse
 import heapq
 import itertools
 import math
-import os
 import random
 import statistics
 import sys
@@ -45,9 +44,7 @@ from sqlalchemy import text  # noqa: E402
 
 from app.db.session import session_scope  # noqa: E402
 from app.domain.routing import device_fits  # noqa: E402
-from app.embedded import EmbeddedPostgres, EmbeddedRedis  # noqa: E402
-from app.migrations import upgrade  # noqa: E402
-from tests.e2e.fleet import Fleet  # noqa: E402
+from bench.rig import private_fleet  # noqa: E402
 
 STEP_S = 0.01  # one step of the sleeping entrypoint
 VIOLATION_S = 2.0
@@ -170,50 +167,32 @@ def replay(
     trace: list[TraceJob], fleet_spec: str, tmp: Path, defer_s: float | None
 ) -> tuple[list[Ran], list[Gpu]]:
     """The trace through the real system; returns what ran where, on the database's clock."""
-    with (
-        EmbeddedPostgres(tmp / "pg", durable=False).start() as pg,
-        EmbeddedRedis(tmp / "redis", durable=False).start() as redis,
-    ):
-        db_url = pg.ensure_database()
-        upgrade(db_url)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
-        env.update(
-            {
-                "GPUFLEET_DATABASE_URL": db_url,
-                "GPUFLEET_BROKER_URL": redis.url(),
-                "GPUFLEET_CHECKPOINT_ROOT": str(tmp / "checkpoints"),
-                "GPUFLEET_DATA_ROOT": str(tmp / "data"),
-                "GPUFLEET_ENTRYPOINT_ALLOW": "tests.custom_trainers",
-                "GPUFLEET_HEARTBEAT_INTERVAL": "1",
-                "GPUFLEET_LEASE_TTL": "8",
-                "GPUFLEET_REAPER_INTERVAL": "2",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        if defer_s is not None:
-            env["GPUFLEET_SCARCE_DEFER_S"] = str(defer_s)
-        fleet = Fleet(env=env, workdir=tmp)
-        try:
-            fleet.start_api()
-            fleet.start_reaper()
-            count = len(fleet_spec.split(","))
-            for i in range(count):
-                fleet.start_worker(f"worker-{i}", fake_gpus=fleet_spec, host="replay-host")
-            fleet.wait_workers_ready(count, timeout=180)
-            time.sleep(10.0 + 2.5 * count)  # every spare has imported torch
-            ids: dict[str, TraceJob] = {}
-            start = time.monotonic()
-            for job in trace:
-                time.sleep(max(0.0, start + job.arrival - time.monotonic()))
-                ids[fleet.submit(spec(job))] = job
-            final = fleet.wait_final(list(ids), timeout=600)
-            bad = {j: f["status"] for j, f in final.items() if f["status"] != "succeeded"}
-            if bad:
-                raise RuntimeError(f"jobs did not succeed: {bad}")
-            time.sleep(2.0)  # the last log lines reach the database
-            return collect(db_url, ids), fleet_gpus(db_url)
-        finally:
-            fleet.stop()
+    env = {
+        "GPUFLEET_HEARTBEAT_INTERVAL": "1",
+        "GPUFLEET_LEASE_TTL": "8",
+        "GPUFLEET_REAPER_INTERVAL": "2",
+    }
+    if defer_s is not None:
+        env["GPUFLEET_SCARCE_DEFER_S"] = str(defer_s)
+    with private_fleet(tmp, env) as (fleet, db_url):
+        fleet.start_api()
+        fleet.start_reaper()
+        count = len(fleet_spec.split(","))
+        for i in range(count):
+            fleet.start_worker(f"worker-{i}", fake_gpus=fleet_spec, host="replay-host")
+        fleet.wait_workers_ready(count, timeout=180)
+        time.sleep(10.0 + 2.5 * count)  # every spare has imported torch
+        ids: dict[str, TraceJob] = {}
+        start = time.monotonic()
+        for job in trace:
+            time.sleep(max(0.0, start + job.arrival - time.monotonic()))
+            ids[fleet.submit(spec(job))] = job
+        final = fleet.wait_final(list(ids), timeout=600)
+        bad = {j: f["status"] for j, f in final.items() if f["status"] != "succeeded"}
+        if bad:
+            raise RuntimeError(f"jobs did not succeed: {bad}")
+        time.sleep(2.0)  # the last log lines reach the database
+        return collect(db_url, ids), fleet_gpus(db_url)
 
 
 def fleet_gpus(db_url: str) -> list[Gpu]:

@@ -32,9 +32,9 @@ import redis  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
 from app.db.session import session_scope  # noqa: E402
-from app.embedded import EmbeddedPostgres, EmbeddedRedis  # noqa: E402
-from app.migrations import upgrade  # noqa: E402
-from tests.e2e.fleet import Fleet, wait_for  # noqa: E402
+from app.embedded import EmbeddedRedis  # noqa: E402
+from bench.rig import private_fleet  # noqa: E402
+from tests.e2e.fleet import wait_for  # noqa: E402
 
 TINY = {
     "name": "tiny",
@@ -46,41 +46,21 @@ BASELINE_APP = "bench.spawn_baseline"
 
 
 def gpufleet(jobs: int, tmp: Path) -> float:
-    with (
-        EmbeddedPostgres(tmp / "pg", durable=False).start() as pg,
-        EmbeddedRedis(tmp / "redis", durable=False).start() as broker,
-    ):
-        db_url = pg.ensure_database()
-        upgrade(db_url)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
-        env.update(
-            {
-                "GPUFLEET_DATABASE_URL": db_url,
-                "GPUFLEET_BROKER_URL": broker.url(),
-                "GPUFLEET_CHECKPOINT_ROOT": str(tmp / "checkpoints"),
-                "GPUFLEET_DATA_ROOT": str(tmp / "data"),
-                "GPUFLEET_ENTRYPOINT_ALLOW": "tests.custom_trainers",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        fleet = Fleet(env=env, workdir=tmp)
-        try:
-            fleet.start_api()
-            for i in range(2):
-                fleet.start_worker(f"worker-{i}", fake_gpus="A100:80,A100:80", host="tiny")
-            fleet.wait_workers_ready(2, timeout=120)
-            time.sleep(15.0)  # both spares have imported torch
-            started = time.time()
-            ids = [fleet.submit(TINY) for _ in range(jobs)]
-            final = fleet.wait_final(ids, timeout=900)
-            failed = [j for j, f in final.items() if f["status"] != "succeeded"]
-            if failed:
-                raise RuntimeError(f"{len(failed)} tiny jobs did not succeed")
-            with session_scope(db_url) as s:
-                ended = s.scalar(text("SELECT extract(epoch FROM max(finished_at)) FROM jobs"))
-            return jobs / ((float(ended) - started) / 60)
-        finally:
-            fleet.stop()
+    with private_fleet(tmp) as (fleet, db_url):
+        fleet.start_api()
+        for i in range(2):
+            fleet.start_worker(f"worker-{i}", fake_gpus="A100:80,A100:80", host="tiny")
+        fleet.wait_workers_ready(2, timeout=120)
+        time.sleep(15.0)  # both spares have imported torch
+        started = time.time()
+        ids = [fleet.submit(TINY) for _ in range(jobs)]
+        final = fleet.wait_final(ids, timeout=900)
+        failed = [j for j, f in final.items() if f["status"] != "succeeded"]
+        if failed:
+            raise RuntimeError(f"{len(failed)} tiny jobs did not succeed")
+        with session_scope(db_url) as s:
+            ended = s.scalar(text("SELECT extract(epoch FROM max(finished_at)) FROM jobs"))
+        return jobs / ((float(ended) - started) / 60)
 
 
 def baseline(jobs: int, tmp: Path) -> float:
