@@ -76,6 +76,11 @@ class FleetCollector(Collector):
         busy = GaugeMetricFamily(
             "gpufleet_device_busy", "1 when the device runs a job.", labels=_DEVICE_LABELS
         )
+        suspect = GaugeMetricFamily(
+            "gpufleet_device_suspect",
+            "1 while the device is suspect after a GPU fault (it takes no job).",
+            labels=_DEVICE_LABELS,
+        )
         for d in devices:
             if not d["alive"]:
                 continue
@@ -87,6 +92,7 @@ class FleetCollector(Collector):
                 str(d["simulated"]).lower(),
             ]
             busy.add_metric(labels, 1.0 if d["current_job"] else 0.0)
+            suspect.add_metric(labels, 1.0 if d["suspect"] else 0.0)
             sample = d["sample"]
             if not isinstance(sample, dict):
                 continue
@@ -100,6 +106,7 @@ class FleetCollector(Collector):
             if sample.get("power_w") is not None:
                 gauges["power"].add_metric(labels, float(sample["power_w"]))
         yield busy
+        yield suspect
         yield from gauges.values()
 
 

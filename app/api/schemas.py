@@ -240,6 +240,7 @@ class FleetDevices(_Out):
     alive: int
     busy: int
     idle: int
+    suspect: int = Field(description="Alive devices marked suspect after a GPU fault.")
     by_type: dict[str, DeviceCounts]
     by_host: dict[str, DeviceCounts]
 

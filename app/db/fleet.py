@@ -44,6 +44,7 @@ def fleet_summary(*, session: Session) -> dict[str, Any]:
             "alive": len(alive),
             "busy": sum(1 for d in alive if d["current_job"]),
             "idle": sum(1 for d in alive if not d["current_job"]),
+            "suspect": sum(1 for d in alive if d["suspect"]),
             "by_type": by_type,
             "by_host": by_host,
         },

@@ -203,3 +203,23 @@ def test_a_suspicion_reported_during_the_check_survives_it(
     # Then the newer suspicion stays for the next check
     found = _suspicion(settings)
     assert found is not None and found.reason == "second"
+
+
+def test_the_fleet_summary_and_metrics_count_suspect_devices(
+    settings: Settings, claimed: str
+) -> None:
+    from prometheus_client import generate_latest
+
+    from app.api.metrics import make_registry
+    from app.db.fleet import fleet_summary
+
+    def counted() -> tuple[int, str]:
+        with session_scope(settings.database_url) as s:
+            summary = fleet_summary(session=s)
+        text_ = generate_latest(make_registry(settings)).decode()
+        line = next(x for x in text_.splitlines() if x.startswith("gpufleet_device_suspect{"))
+        return summary["devices"]["suspect"], line.rsplit(" ", 1)[1]
+
+    assert counted() == (0, "0.0")
+    assert _mark(settings)
+    assert counted() == (1, "1.0")
