@@ -8,6 +8,9 @@ import threading
 import time
 import uuid
 
+import pytest
+from sqlalchemy import text
+
 from app.db import devices as device_rows
 from app.db import leases
 from app.db.jobs import submit_job
@@ -106,3 +109,37 @@ def test_a_database_error_means_run_it_here(settings: Settings) -> None:
         update={"database_url": "postgresql+psycopg://postgres@127.0.0.1:1/none"}
     )
     assert not defer_if_scarce(broken, A100, uuid.uuid4())
+
+
+def test_the_task_defers_before_it_leases_and_skips_a_job_taken_meanwhile(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run_job`` on the scarce A100's worker: the T4 that takes the job meanwhile runs it,
+    and the A100's task ends without a lease of its own."""
+    from app.settings import get_settings
+    from workers import identity, tasks
+
+    _fleet(settings)
+    job = _submit(settings)
+    monkeypatch.setattr(tasks, "get_settings", lambda: _fast(settings, defer_s=5.0))
+    for name in identity.NAMES:  # restored as they were when the test ends
+        monkeypatch.delenv(name, raising=False)
+    identity.export(identity.WorkerIdentity(worker=A100, device_uuid=A100, cuda=False))
+    get_settings.cache_clear()
+
+    def t4_takes_it() -> None:
+        time.sleep(0.3)
+        with session_scope(settings.database_url) as s:
+            assert leases.acquire_lease(
+                session=s, job_id=job, worker=T4S[0], device_uuid=T4S[0], ttl=60
+            )
+
+    taker = threading.Thread(target=t4_takes_it)
+    taker.start()
+    try:
+        assert tasks.run_job_now(str(job)) == "skipped"
+    finally:
+        taker.join()
+    with session_scope(settings.database_url) as s:
+        holder = s.scalar(text("SELECT worker FROM leases WHERE job_id = :j"), {"j": job})
+    assert holder == T4S[0]
