@@ -60,6 +60,20 @@ def gpufleet(jobs: int, tmp: Path) -> float:
             raise RuntimeError(f"{len(failed)} tiny jobs did not succeed")
         with session_scope(db_url) as s:
             ended = s.scalar(text("SELECT extract(epoch FROM max(finished_at)) FROM jobs"))
+            held, gap = s.execute(
+                text(
+                    """
+                    SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM
+                               released_at - acquired_at)) AS held,
+                           percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM
+                               acquired_at - prev)) AS gap
+                      FROM (SELECT acquired_at, released_at, lag(released_at) OVER (
+                                   PARTITION BY device_uuid ORDER BY acquired_at) AS prev
+                              FROM leases) l
+                    """
+                )
+            ).one()
+        print(f"gpufleet: a job holds its lease {held:.2f} s (p50), then {gap:.3f} s to the next")
         return jobs / ((float(ended) - started) / 60)
 
 
