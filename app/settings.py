@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     #: limit); a stuck statement fails instead of stalling a heartbeat past its lease.
     db_statement_timeout: float = Field(default=60.0, ge=0)
     db_lock_timeout: float = Field(default=10.0, ge=0)
+    #: pooled connections per process and engine (0: no pool, a connection per session), and
+    #: how many more a burst may open; worker processes default to 1 and 2 (workers/main.py).
+    db_pool_size: int = Field(default=5, ge=0)
+    db_max_overflow: int = Field(default=5, ge=0)
+    #: ``application_name`` of every connection, so pg_stat_activity tells the roles apart.
+    db_application_name: str = "gpufleet-api"
     #: keep a trainer started ahead of the next job, its framework imported (workers).
     warm_spare: bool = True
     #: how long a worker of a scarce GPU type lets a job that a more plentiful, idle type also

@@ -13,7 +13,7 @@ import tenacity
 from sqlalchemy.exc import OperationalError
 
 from app.domain.routing import device_queues
-from app.settings import Settings
+from app.settings import Settings, get_settings
 from workers import claim, drain, frameworks, identity
 from workers.devices import GpuDevice, discover, sampler_for
 from workers.telemetry import TelemetryLoop
@@ -86,7 +86,24 @@ def _wait_for_database(step: Callable[[], None]) -> None:
     )(step)
 
 
+#: a worker process's keeper, telemetry and supervisor threads share one pooled connection
+#: (plus a small overflow) instead of the API's pool; an operator's own values win.
+WORKER_DB_POOL = {
+    "GPUFLEET_DB_POOL_SIZE": "1",
+    "GPUFLEET_DB_MAX_OVERFLOW": "2",
+    "GPUFLEET_DB_APPLICATION_NAME": "gpufleet-worker",
+}
+
+
+def use_worker_pool() -> None:
+    """Give this process the worker's small pool; call before any engine is built."""
+    for name, value in WORKER_DB_POOL.items():
+        os.environ.setdefault(name, value)
+    get_settings.cache_clear()  # the CLI has read the settings before
+
+
 def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
+    use_worker_pool()
     try:
         devices = discover(fake_gpus=settings.fake_gpus or None, host=settings.hostname)
     except ValueError as exc:  # a GPUFLEET_FAKE_GPUS the parser refuses

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from app.settings import get_settings
 
@@ -18,9 +19,13 @@ def _factory(url: str) -> sessionmaker[Session]:
     factory = _factories.get(url)
     if factory is None:
         # pre_ping: a worker's pooled connection may have died with a database restart.
-        engine = create_engine(
-            url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=_connect_args(url)
+        settings = get_settings()
+        pool: dict[str, Any] = (
+            {"poolclass": NullPool}
+            if settings.db_pool_size == 0
+            else {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
         )
+        engine = create_engine(url, pool_pre_ping=True, connect_args=_connect_args(url), **pool)
         factory = _factories[url] = sessionmaker(engine, expire_on_commit=False)
     return factory
 
@@ -42,6 +47,7 @@ def _connect_args(url: str) -> dict[str, Any]:
         "keepalives_interval": 3,
         "keepalives_count": 3,
         "prepare_threshold": None,
+        "application_name": settings.db_application_name,
         "options": (
             f"-c statement_timeout={round(settings.db_statement_timeout * 1000)} "
             f"-c lock_timeout={round(settings.db_lock_timeout * 1000)}"

@@ -1,0 +1,47 @@
+"""A worker process's threads share one pooled connection plus a small overflow."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import text
+
+from app.db.session import session_scope
+from app.settings import get_settings
+from workers.main import use_worker_pool
+
+
+@pytest.fixture
+def worker_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in (
+        "GPUFLEET_DB_POOL_SIZE",
+        "GPUFLEET_DB_MAX_OVERFLOW",
+        "GPUFLEET_DB_APPLICATION_NAME",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    use_worker_pool()
+    yield
+    get_settings.cache_clear()
+
+
+def test_worker_threads_hold_at_most_three_connections(worker_env: None, db_url: str) -> None:
+    def busy() -> None:
+        for _ in range(20):
+            with session_scope(db_url) as session:
+                session.execute(text("SELECT pg_sleep(0.005)"))
+
+    threads = [threading.Thread(target=busy) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with session_scope(db_url) as session:
+        held = session.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'gpufleet-worker' AND datname = current_database()"
+            )
+        ).scalar_one()
+    assert 1 <= held <= 3
