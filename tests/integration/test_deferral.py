@@ -46,6 +46,21 @@ def _submit(settings: Settings, gpu_type: str = "any", memory_gb: float = 8) -> 
         return submit_job(session=s, tenant="t", spec=spec).job_id
 
 
+def _t4_takes_it_soon(settings: Settings, job: uuid.UUID) -> threading.Thread:
+    """A T4's worker leasing the job 0.3 s from now, on a thread of its own."""
+
+    def take() -> None:
+        time.sleep(0.3)
+        with session_scope(settings.database_url) as s:
+            assert leases.acquire_lease(
+                session=s, job_id=job, worker=T4S[0], device_uuid=T4S[0], ttl=60
+            )
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    return taker
+
+
 def _fast(settings: Settings, defer_s: float = 1.0) -> Settings:
     return settings.model_copy(update={"scarce_defer_s": defer_s})
 
@@ -68,15 +83,7 @@ def test_the_wait_ends_as_soon_as_a_plentiful_device_leases_the_job(settings: Se
     _fleet(settings)
     job = _submit(settings)
 
-    def t4_takes_it() -> None:
-        time.sleep(0.3)
-        with session_scope(settings.database_url) as s:
-            assert leases.acquire_lease(
-                session=s, job_id=job, worker=T4S[0], device_uuid=T4S[0], ttl=60
-            )
-
-    taker = threading.Thread(target=t4_takes_it)
-    taker.start()
+    taker = _t4_takes_it_soon(settings, job)
     started = time.monotonic()
     taken = defer_if_scarce(_fast(settings, defer_s=5.0), A100, job)
     taker.join()
@@ -127,15 +134,7 @@ def test_the_task_defers_before_it_leases_and_skips_a_job_taken_meanwhile(
     identity.export(identity.WorkerIdentity(worker=A100, device_uuid=A100, cuda=False))
     get_settings.cache_clear()
 
-    def t4_takes_it() -> None:
-        time.sleep(0.3)
-        with session_scope(settings.database_url) as s:
-            assert leases.acquire_lease(
-                session=s, job_id=job, worker=T4S[0], device_uuid=T4S[0], ttl=60
-            )
-
-    taker = threading.Thread(target=t4_takes_it)
-    taker.start()
+    taker = _t4_takes_it_soon(settings, job)
     try:
         assert tasks.run_job_now(str(job)) == "skipped"
     finally:
