@@ -77,7 +77,7 @@ class Supervisor:
             log.info("job %s: not leased (already taken, finished or not due); ack", job_id)
             return Outcome.SKIPPED
         log.info("job %s epoch %s: leased (attempt %s)", job_id, grant.epoch, grant.attempt)
-        self._set_device_job(job_id)
+        # (the lease statement marked the device busy; the end of the run marks it idle)
         try:
             outcome = self._run_lease(grant)
         except SQLAlchemyError as exc:
@@ -91,20 +91,20 @@ class Supervisor:
             )
             outcome = Outcome.LEASE_LOST
         finally:
-            self._set_device_job(None)
+            self._mark_device_idle()
             if self.spare is not None:
                 self.spare.start(_framework(grant.spec))
         log.info("job %s epoch %s: %s", job_id, grant.epoch, outcome.value)
         return outcome
 
-    def _set_device_job(self, job_id: uuid.UUID | None) -> None:
+    def _mark_device_idle(self) -> None:
         device = self.identity.device_uuid
         if device is None:
             return
         try:
             with session_scope(self.settings.database_url) as session:
                 device_rows.set_current_job(
-                    session=session, uuid=device, worker=self.identity.worker, job_id=job_id
+                    session=session, uuid=device, worker=self.identity.worker, job_id=None
                 )
         except SQLAlchemyError as exc:  # telemetry only; the lease is what matters
             log.warning("could not mark device %s busy/idle: %s", device, exc)
