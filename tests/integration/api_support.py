@@ -15,16 +15,35 @@ from typing import Any
 import httpx
 import uvicorn
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from sqlalchemy import text
 
+from app.api.app import create_app
 from app.db.events import add_event
 from app.db.jobs import submit_job
 from app.db.session import session_scope
 from app.domain.spec import JobSpec
 from app.domain.states import EventKind
+from app.settings import Settings
 from tests.e2e.fleet import free_port
 
 SPEC = {"name": "t", "framework": "torch"}
+
+#: the tokens of the in-process API tests: two tenants, an admin, a metrics scraper.
+ALICE = {"Authorization": "Bearer alice-token"}
+BOB = {"Authorization": "Bearer bob-token"}
+ADMIN = {"Authorization": "Bearer admin-token"}
+METRICS = {"Authorization": "Bearer metrics-token"}
+AUTH = {
+    "api_tokens": "alice:alice-token,bob:bob-token",
+    "admin_tokens": "root:admin-token",
+    "metrics_token": "metrics-token",
+}
+
+
+def authed_client(settings: Settings) -> TestClient:
+    """The API in process, with the tokens above."""
+    return TestClient(create_app(settings.model_copy(update=AUTH)))
 
 
 @contextmanager

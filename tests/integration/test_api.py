@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from app.api.app import create_app, ensure_safe_bind
 from app.settings import Settings, SettingsError
 from tests.conftest import ROOT
+from tests.integration.api_support import ADMIN, ALICE, AUTH, BOB, METRICS, authed_client
 
 JOB = {
     "name": "mlp-demo",
@@ -32,20 +33,11 @@ JOB = {
     "priority": 5,
     "max_attempts": 3,
 }
-ALICE = {"Authorization": "Bearer alice-token"}
-BOB = {"Authorization": "Bearer bob-token"}
-ADMIN = {"Authorization": "Bearer admin-token"}
-METRICS = {"Authorization": "Bearer metrics-token"}
-AUTH = {
-    "api_tokens": "alice:alice-token,bob:bob-token",
-    "admin_tokens": "root:admin-token",
-    "metrics_token": "metrics-token",
-}
 
 
 @pytest.fixture
 def client(settings: Settings) -> TestClient:
-    return TestClient(create_app(settings.model_copy(update=AUTH)))
+    return authed_client(settings)
 
 
 def job_with(**changes: Any) -> dict[str, Any]:

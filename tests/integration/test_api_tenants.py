@@ -21,21 +21,14 @@ from app.db.devices import claim_device, register_devices, set_current_job
 from app.db.session import engine_for, session_scope
 from app.settings import Settings, SettingsError, get_settings
 from tests.conftest import device_record
+from tests.integration.api_support import ADMIN, ALICE, AUTH, BOB, authed_client
 
-ALICE = {"Authorization": "Bearer alice-token"}
-BOB = {"Authorization": "Bearer bob-token"}
-ADMIN = {"Authorization": "Bearer admin-token"}
 JOB = {"name": "t", "framework": "torch"}
-AUTH = {
-    "api_tokens": "alice:alice-token,bob:bob-token",
-    "admin_tokens": "root:admin-token",
-    "metrics_token": "metrics-token",
-}
 
 
 @pytest.fixture
 def client(settings: Settings) -> TestClient:
-    return TestClient(create_app(settings.model_copy(update=AUTH)))
+    return authed_client(settings)
 
 
 def test_another_tenant_s_job_ids_appear_nowhere(client: TestClient, settings: Settings) -> None:
