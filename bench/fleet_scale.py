@@ -5,15 +5,19 @@ fleet's statements grow from a small to a large history.
                                           [--seconds 30] [--threads 8] [--pg HOST:PORT]
 
 N simulated workers run the *real* ``app.db`` statements at the settings' intervals: claim
-(``acquire_lease`` of the next queued job, as if the broker had delivered it), lease
-heartbeat and device heartbeat every ``heartbeat_interval``, a GPU sample every
-``telemetry_interval`` (``record_sample`` plus the busy check), progress every
+(``acquire_lease`` of the next queued job, as if the broker had delivered it), the lease
+heartbeat every ``heartbeat_interval`` through the real ``LeaseWriter``, the device keeper's
+turn every ``heartbeat_interval`` and a GPU sample every ``telemetry_interval``, progress every
 ``--progress-every`` seconds, a checkpoint every ``--checkpoint-every``, and ``finish`` after
-``--job-seconds``. A scheduler hands each due write to a pool of ``--threads`` threads sharing
-one connection pool (a 2-core machine cannot run 1,000 worker processes), so a write that
-cannot keep up shows as *lag*. A reaper (the real ``Reaper``, with a broker that holds every
-wake-up) passes every ``reaper_interval``, and an API thread reads get / list of 50 / fleet /
-metrics in turn.
+``--job-seconds``. Each simulated worker has its own real hand-off directory
+(``workers.handoff``): the sample and the device claim ride on the lease heartbeat while a job
+runs, and the keeper writes (claim and sample, one statement) only while its device idles.
+``--unfolded`` drives the earlier path instead, for comparison: the keeper renews the claim and
+reads the suspicion, and each sample reads the device's job and stores itself. A scheduler
+hands each due write to a pool of ``--threads`` threads sharing one connection pool (a 2-core
+machine cannot run 1,000 worker processes), so a write that cannot keep up shows as *lag*.
+A reaper (the real ``Reaper``, with a broker that holds every wake-up) passes every
+``reaper_interval``, and an API thread reads get / list of 50 / fleet / metrics in turn.
 
 For each size in ``--queued`` the database holds that many queued jobs and as many ended jobs
 with full histories (two leases, six events, two log chunks, a checkpoint); each phase runs
@@ -56,6 +60,7 @@ from app.db.session import engine_for, session_scope  # noqa: E402
 from app.domain.spec import JobSpec  # noqa: E402
 from app.domain.states import JobStatus, LeaseOutcome  # noqa: E402
 from app.settings import Settings  # noqa: E402
+from workers.handoff import Handoff  # noqa: E402
 from workers.lease_writer import LeaseWriter  # noqa: E402
 from workers.reaper import Reaper  # noqa: E402
 
@@ -69,8 +74,9 @@ SPEC = {
 }
 
 
-#: what the simulated workers do without a transaction (progress waits for the heartbeat).
-IN_MEMORY = {"progress"}
+#: what the simulated workers do without a transaction (progress and the sample wait for the
+#: heartbeat; the keeper skips its turn while the lease heartbeat renewed the claim).
+IN_MEMORY = {"progress", "telemetry", "keeper (lease renewed it)"}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -222,6 +228,11 @@ class SimWorker:
     lock: threading.Lock = field(default_factory=threading.Lock)
     started: float = 0.0
     step: int = 0
+    #: the worker's hand-off directory (its keeper's, telemetry's and supervisor's views).
+    handoff: Handoff | None = None
+    keeper_view: Handoff | None = None
+    #: the kind the last action recorded itself as, when not the scheduled one.
+    label: str | None = None
 
 
 class Fleet:
@@ -232,10 +243,15 @@ class Fleet:
         self.args = args
         self.queued = queued
         self.stats = Stats()
+        shared = Path(tempfile.mkdtemp(prefix="fleet-scale-handoff-"))
         self.workers = [
             SimWorker(index=i, name=f"sim-{i}@bench", device=f"GPU-sim-{i:05d}")
             for i in range(args.workers)
         ]
+        for w in self.workers:
+            (shared / str(w.index)).mkdir()
+            w.handoff = Handoff(shared / str(w.index))
+            w.keeper_view = Handoff(shared / str(w.index))
         self.heap: list[tuple[float, int, str]] = []
         self.heap_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(args.threads)
@@ -299,6 +315,7 @@ class Fleet:
     def _timed(self, w: SimWorker, kind: str, tagged: str, s: Settings) -> None:
         index, now = w.index, time.monotonic()
         started = time.perf_counter()
+        w.label = None
         try:
             next_at = self._act(w, kind, now)
         except Exception as exc:  # a bench keeps going; the count shows it
@@ -306,7 +323,7 @@ class Fleet:
             self.stats.add("error", 0.0)
             next_at = now + s.heartbeat_interval
         else:
-            self.stats.add(kind, time.perf_counter() - started)
+            self.stats.add(w.label or kind, time.perf_counter() - started)
         if next_at is not None:
             self.schedule(next_at, index, tagged)
 
@@ -323,13 +340,16 @@ class Fleet:
                         device_uuid=w.device,
                         ttl=s.lease_ttl,
                     )
-                    if grant is not None:
-                        device_rows.set_current_job(
-                            session=session, uuid=w.device, worker=w.name, job_id=job
-                        )
+                    if grant is not None:  # (the lease statement marked the device busy)
                         w.job, w.started, w.step = job, now, 0
                         w.generation += 1
-                        w.writer = LeaseWriter(url, job, grant.epoch, ttl=s.lease_ttl)
+                        w.writer = LeaseWriter(
+                            url,
+                            job,
+                            grant.epoch,
+                            ttl=s.lease_ttl,
+                            handoff=None if a.unfolded else w.handoff,
+                        )
                         for k, every in (
                             ("heartbeat", s.heartbeat_interval),
                             ("progress", a.progress_every),
@@ -339,20 +359,37 @@ class Fleet:
                         self.schedule(now + a.job_seconds, w.index, f"finish@{w.generation}")
                         return None
                 return now + s.heartbeat_interval
-            if kind == "device_heartbeat":
+            if kind == "device_heartbeat" and a.unfolded:
                 device_rows.heartbeat_device(
                     session=session, uuid=w.device, worker=w.name, ttl=s.lease_ttl
                 )
+                device_rows.suspicion(session=session, uuid=w.device)
                 return now + s.heartbeat_interval
-            if kind == "telemetry":
+            if kind == "telemetry" and a.unfolded:
                 device_rows.current_job(session=session, uuid=w.device)
                 device_rows.record_sample(
+                    session=session, uuid=w.device, worker=w.name, sample=self.sample()
+                )
+                return now + s.telemetry_interval
+        if kind == "device_heartbeat":  # as ``DeviceKeeper``: only while no lease renews it
+            keeper = w.keeper_view
+            assert keeper is not None
+            if keeper.renewed_within(1.5 * s.heartbeat_interval):
+                w.label = "keeper (lease renewed it)"
+                return now + s.heartbeat_interval
+            with session_scope(url) as session:
+                device_rows.renew_claim(
                     session=session,
                     uuid=w.device,
                     worker=w.name,
-                    sample={"utilization": 0.9, "memory_used_bytes": 2**33, "taken_at": 0},
+                    ttl=s.lease_ttl,
+                    sample=keeper.take_sample(),
                 )
-                return now + s.telemetry_interval
+            return now + s.heartbeat_interval
+        if kind == "telemetry":  # as ``TelemetryLoop``: sample, hand over, no write
+            assert w.handoff is not None
+            w.handoff.put_sample(self.sample())
+            return now + s.telemetry_interval
         if w.job is None or w.writer is None:
             return None
         writer = w.writer
@@ -370,7 +407,7 @@ class Fleet:
             return now + a.checkpoint_every
         if kind == "finish":
             writer.finish(LeaseOutcome.SUCCEEDED, result={"loss": 0.1}, budget=5)
-            with session_scope(url) as session:
+            with session_scope(url) as session:  # the supervisor's ``_mark_device_idle``
                 device_rows.set_current_job(
                     session=session, uuid=w.device, worker=w.name, job_id=None
                 )
@@ -378,6 +415,10 @@ class Fleet:
             self.schedule(now, w.index, "claim")
             return None
         raise ValueError(kind)
+
+    @staticmethod
+    def sample() -> dict[str, Any]:
+        return {"utilization": 0.9, "memory_used_bytes": 2**33, "taken_at": time.time()}
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -585,6 +626,11 @@ def main() -> None:
     parser.add_argument("--job-seconds", type=float, default=120.0)
     parser.add_argument("--api-every", type=float, default=0.5)
     parser.add_argument("--pg", help="host:port of a Postgres to use (superuser postgres)")
+    parser.add_argument(
+        "--unfolded",
+        action="store_true",
+        help="the earlier path: the keeper and every GPU sample write on their own",
+    )
     args = parser.parse_args()
     address, server = start_postgres(args)
     results = []

@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -26,6 +27,7 @@ from app.db import devices as device_rows
 from app.db.session import session_scope
 from app.settings import Settings
 from workers.devices import GpuDevice, Health, check_health, parse_unhealthy
+from workers.handoff import Handoff
 from workers.watchdog import Deadline, retry_delay
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,10 @@ class DeviceKeeper(threading.Thread):
     True (the Celery consumer may not be up yet). The check runs on this thread: NVML reads are
     quick, and a GPU that hangs them takes the worker down through the deadline, which is what
     should happen to it.
+
+    One write per heartbeat: an idle device's renewal stores the latest GPU sample and reads
+    the suspicion back in the same statement; while a job runs, its lease's heartbeat renews
+    the claim (``handoff``, see ``workers.handoff``) and the keeper writes nothing.
     """
 
     def __init__(
@@ -147,8 +153,10 @@ class DeviceKeeper(threading.Thread):
         *,
         on_suspect: Callable[[bool], bool] = lambda _: True,
         health_check: Callable[[GpuDevice], Health] | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         super().__init__(name="device-keeper", daemon=True)
+        self.handoff = handoff
         self.settings = settings
         self.device = device
         self.worker = worker
@@ -178,48 +186,69 @@ class DeviceKeeper(threading.Thread):
         try:
             wait = self.settings.heartbeat_interval
             while not self.stopping.wait(wait):
-                kept = self._renew()
-                if kept is False:
+                wait = self.settings.heartbeat_interval
+                if self.renewed_by_lease():
+                    continue
+                renewal = self._renew()
+                if renewal is False:
                     take_worker_down(f"lost the claim on device {self.device.uuid}")
                     return
-                if kept is None:  # the database did not answer: try again soon
+                if renewal is None:  # the database did not answer: try again soon
                     wait = retry_delay(self.settings.heartbeat_interval)
                     continue
-                wait = self.settings.heartbeat_interval
-                self.look_after_health()
+                self.look_after_health(renewal)
         except Exception as exc:
             log.exception("device keeper crashed")
             take_worker_down(f"device keeper crashed: {exc!r}")
 
-    def _renew(self) -> bool | None:
-        """Renew the claim: True kept, False lost, None the database did not answer."""
+    def renewed_by_lease(self) -> bool:
+        """Whether the running job's lease heartbeat renewed the claim within the last
+        interval and a half (then this keeper writes nothing, and its deadline is met)."""
+        if self.handoff is None:
+            return False
+        if not self.handoff.renewed_within(1.5 * self.settings.heartbeat_interval):
+            return False
+        self.deadline.renew()
+        health.touch("worker")
+        return True
+
+    def _renew(self) -> device_rows.Renewal | Literal[False] | None:
+        """Renew the claim, storing the latest GPU sample: the renewal when kept, False when
+        lost, None when the database did not answer."""
+        sample = self.handoff.take_sample() if self.handoff is not None else None
         try:
             with session_scope(self.settings.database_url) as session:
-                kept = device_rows.heartbeat_device(
+                renewal = device_rows.renew_claim(
                     session=session,
                     uuid=self.device.uuid,
                     worker=self.worker,
                     ttl=self.settings.lease_ttl,
+                    sample=sample,
                 )
         except SQLAlchemyError as exc:  # the deadline decides when this means giving up
             log.warning(
                 "device heartbeat failed (%.1fs without renewal): %s", self.deadline.silent_for, exc
             )
             return None
-        if kept:
-            self.deadline.renew()
-            health.touch("worker")
-        return kept
+        if renewal is None:
+            return False
+        self.deadline.renew()
+        health.touch("worker")
+        return renewal
 
-    def look_after_health(self) -> None:
-        """If the device is suspect, check it; clear the suspicion when the check passes."""
+    def look_after_health(self, renewal: device_rows.Renewal | None = None) -> None:
+        """If the device is suspect, check it; clear the suspicion when the check passes.
+        ``renewal``: what the heartbeat just read (None: read the suspicion now)."""
         uuid = self.device.uuid
-        try:
-            with session_scope(self.settings.database_url) as session:
-                suspicion = device_rows.suspicion(session=session, uuid=uuid)
-        except SQLAlchemyError as exc:  # the next heartbeat tries again
-            log.warning("cannot read the health state of device %s: %s", uuid, exc)
-            return
+        if renewal is not None:
+            suspicion = renewal.suspicion
+        else:
+            try:
+                with session_scope(self.settings.database_url) as session:
+                    suspicion = device_rows.suspicion(session=session, uuid=uuid)
+            except SQLAlchemyError as exc:  # the next heartbeat tries again
+                log.warning("cannot read the health state of device %s: %s", uuid, exc)
+                return
         if suspicion is None:
             self._set_suspect(False)
             return

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -28,6 +29,7 @@ from app.db import leases
 from app.db.logs import append_log
 from app.db.session import session_scope
 from app.domain.states import ErrorKind, EventKind, JobStatus, LeaseOutcome
+from workers.handoff import Handoff
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,26 @@ class LeaseLost(Exception):
 
 
 class LeaseWriter:
-    def __init__(self, database_url: str, job_id: uuid.UUID, epoch: int, *, ttl: float) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        job_id: uuid.UUID,
+        epoch: int,
+        *,
+        ttl: float,
+        handoff: Handoff | None = None,
+    ) -> None:
         self.database_url = database_url
         self.job_id = job_id
         self.epoch = epoch
         self.ttl = ttl
+        #: shared with the worker's main process: the heartbeat carries the latest GPU sample
+        #: and renews the device claim, so the keeper and the telemetry thread write nothing.
+        self.handoff = handoff
+        #: samples taken before the lease was won belong to no job.
+        self._since = time.time()
+        if handoff is not None:
+            handoff.mark_leased()
         #: the trainer's latest progress not yet stored: it goes with the next heartbeat.
         self._progress: dict[str, Any] | None = None
 
@@ -85,18 +102,28 @@ class LeaseWriter:
     # -- while the trainer runs ------------------------------------------------------------
 
     def heartbeat(self) -> leases.Beat:
-        """Renew the lease, storing the latest progress with it (one write per heartbeat).
-        Raises LeaseLost when refused; a database error propagates."""
+        """Renew the lease, storing the latest progress with it, and the device claim with the
+        latest GPU sample: one write per running job per heartbeat. Raises LeaseLost when
+        refused; a database error propagates."""
         progress = self._progress
+        handoff = self.handoff
+        sample = handoff.take_sample(since=self._since) if handoff is not None else None
         beat = self._db(
             lambda s: leases.heartbeat(
-                session=s, job_id=self.job_id, epoch=self.epoch, ttl=self.ttl, progress=progress
+                session=s,
+                job_id=self.job_id,
+                epoch=self.epoch,
+                ttl=self.ttl,
+                progress=progress,
+                sample=sample,
             )
         )
         if beat is None:
             raise LeaseLost("heartbeat refused")
         if self._progress is progress:
             self._progress = None
+        if beat.device_renewed and self.handoff is not None:
+            self.handoff.mark_renewed()
         return beat
 
     def progress(self, progress: dict[str, Any]) -> None:

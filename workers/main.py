@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.domain.routing import device_queues
 from app.settings import Settings, get_settings
-from workers import claim, drain, frameworks, identity
+from workers import claim, drain, frameworks, handoff, identity
 from workers.devices import GpuDevice, discover, sampler_for
 from workers.telemetry import TelemetryLoop
 
@@ -125,12 +126,14 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
     claim.rename_claim(settings, device, old=pending_name, new=name)
     pin_device(device)
     drain_flag = drain.prepare(name)
+    shared = handoff.prepare(name)
     identity.export(
         identity.WorkerIdentity(
             worker=name,
             device_uuid=device.uuid,
             cuda=not device.simulated,
             drain_file=drain_flag,
+            handoff_dir=shared,
         )
     )
     queues = device_queues(device.gpu_type, device.memory_gib, offered)
@@ -152,8 +155,16 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
         drain.request(drain_flag)
 
     worker_shutting_down.connect(on_shutting_down, weak=False)
-    keeper = claim.DeviceKeeper(settings, device, name, on_suspect=QueueGate(app, name, queues))
-    telemetry = TelemetryLoop(settings, device, name, sampler_for([device]), celery_app=app)
+    keeper = claim.DeviceKeeper(
+        settings,
+        device,
+        name,
+        on_suspect=QueueGate(app, name, queues),
+        handoff=handoff.Handoff(shared),
+    )
+    telemetry = TelemetryLoop(
+        settings, device, name, sampler_for([device]), handoff.Handoff(shared), celery_app=app
+    )
     keeper.start()
     telemetry.start()
     try:
@@ -180,4 +191,5 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> int:
         telemetry.stopping.set()
         claim.release(settings, device, name)
         drain_flag.unlink(missing_ok=True)
+        shutil.rmtree(shared, ignore_errors=True)
     return 0

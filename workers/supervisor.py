@@ -33,6 +33,7 @@ from app.domain.stopping import StopReason
 from app.settings import Settings
 from app.storage import open_store
 from workers import command_job
+from workers.handoff import Handoff
 from workers.identity import WorkerIdentity
 from workers.lease_writer import LeaseWriter
 from workers.trainer_process import TrainerProcess
@@ -110,8 +111,13 @@ class Supervisor:
             log.warning("could not mark device %s busy/idle: %s", device, exc)
 
     def _run_lease(self, grant: leases.LeaseGrant) -> Outcome:
+        handoff = self.identity.handoff_dir
         writer = LeaseWriter(
-            self.settings.database_url, grant.job_id, grant.epoch, ttl=self.settings.lease_ttl
+            self.settings.database_url,
+            grant.job_id,
+            grant.epoch,
+            ttl=self.settings.lease_ttl,
+            handoff=Handoff(handoff) if handoff is not None else None,
         )
         try:
             spec = JobSpec.model_validate(grant.spec)

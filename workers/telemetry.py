@@ -1,10 +1,12 @@
 """GPU utilization sampling and publishing, from the worker's main process.
 
 Every ``telemetry_interval``: sample the claimed device (NVML, or simulated numbers marked
-``simulated``), store the sample on the device row and fold it into the running job's peak
-memory and mean utilization, and send a Celery event so Flower shows it. (Samples were also
-published on a Redis pub/sub channel that nothing read: one Redis command per GPU per interval
-for no one. The API's ``/v1/fleet`` and ``/metrics`` read the stored sample.)
+``simulated``), hand the sample over (``workers.handoff``) and send a Celery event so Flower
+shows it. The sample reaches the database with the next heartbeat, at no write of its own: the
+running job's lease heartbeat stores it on the device row and folds it into the job's peak
+memory and mean utilization; an idle device's keeper stores it with the claim's renewal. The
+API's ``/v1/fleet`` and ``/metrics`` read the stored sample, at most one heartbeat old. (Samples
+were also published on a Redis pub/sub channel that nothing read: removed.)
 """
 
 from __future__ import annotations
@@ -14,13 +16,10 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
-from app.db import devices as device_rows
-from app.db.session import session_scope
 from app.settings import Settings
 from workers.claim import take_worker_down
 from workers.devices import GpuDevice, Sampler
+from workers.handoff import Handoff
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +33,7 @@ class TelemetryLoop(threading.Thread):
         device: GpuDevice,
         worker: str,
         sampler: Sampler,
+        handoff: Handoff,
         celery_app: Any = None,
     ) -> None:
         super().__init__(name="telemetry", daemon=True)
@@ -41,6 +41,7 @@ class TelemetryLoop(threading.Thread):
         self.device = device
         self.worker = worker
         self.sampler = sampler
+        self.handoff = handoff
         self.celery_app = celery_app
         self.stopping = threading.Event()
         self.samples_taken = 0
@@ -58,27 +59,15 @@ class TelemetryLoop(threading.Thread):
             take_worker_down(f"telemetry loop crashed: {exc!r}")
 
     def sample_once(self) -> dict[str, Any] | None:
-        busy = self._busy()
+        # Busy while a lease is held (no database read to know it).
+        busy = self.handoff.busy_within(1.5 * self.settings.heartbeat_interval)
         sample = self.sampler.sample(self.device, busy=busy).as_dict()
         sample["taken_at"] = time.time()
-        try:
-            with session_scope(self.settings.database_url) as session:
-                device_rows.record_sample(
-                    session=session, uuid=self.device.uuid, worker=self.worker, sample=sample
-                )
-        except SQLAlchemyError as exc:
-            log.warning("could not store a GPU sample: %s", exc)
+        self.handoff.put_sample(sample)
         message = {"device": self.device.uuid, "host": self.settings.hostname, **sample}
         self._celery_event(message)
         self.samples_taken += 1
         return sample
-
-    def _busy(self) -> bool:
-        try:
-            with session_scope(self.settings.database_url) as session:
-                return device_rows.current_job(session=session, uuid=self.device.uuid) is not None
-        except SQLAlchemyError:
-            return False
 
     def _celery_event(self, message: dict[str, Any]) -> None:
         if self.celery_app is None:

@@ -118,18 +118,41 @@ def holders(*, session: Session, uuids: list[str]) -> dict[str, str | None]:
 
 def heartbeat_device(*, session: Session, uuid: str, worker: str, ttl: float) -> bool:
     """Extend the claim. False: the claim was lost (expired and taken by another worker)."""
-    kept = session.scalar(
+    return renew_claim(session=session, uuid=uuid, worker=worker, ttl=ttl) is not None
+
+
+def renew_claim(
+    *,
+    session: Session,
+    uuid: str,
+    worker: str,
+    ttl: float,
+    sample: dict[str, Any] | None = None,
+) -> Renewal | None:
+    """An idle device's one write per heartbeat: extend the claim, store the latest GPU
+    ``sample`` (None keeps the last one), and read back whether the device is suspect. None:
+    the claim was lost. (A busy device's claim rides on its lease's heartbeat instead.)"""
+    row = session.execute(
         text(
             """
             UPDATE devices SET heartbeat_at = now(),
-                   expires_at = now() + make_interval(secs => :ttl)
+                   expires_at = now() + make_interval(secs => :ttl),
+                   last_sample = coalesce(:sample, last_sample),
+                   sampled_at = CASE WHEN :sample IS NULL THEN sampled_at ELSE now() END
              WHERE uuid = :uuid AND worker = :worker
-            RETURNING uuid
+            RETURNING suspect_since, suspect_reason
             """
-        ),
-        {"uuid": uuid, "worker": worker, "ttl": ttl},
+        ).bindparams(bindparam("sample", type_=JSONB(none_as_null=True))),
+        {"uuid": uuid, "worker": worker, "ttl": ttl, "sample": sample},
+    ).one_or_none()
+    if row is None:
+        return None
+    suspect = (
+        None
+        if row.suspect_since is None
+        else Suspicion(since=row.suspect_since, reason=row.suspect_reason or "")
     )
-    return kept is not None
+    return Renewal(suspicion=suspect)
 
 
 def mark_suspect(*, session: Session, uuid: str, worker: str, reason: str) -> bool:
@@ -157,6 +180,13 @@ def mark_suspect(*, session: Session, uuid: str, worker: str, reason: str) -> bo
 class Suspicion:
     since: datetime
     reason: str
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """A renewed claim, and what the renewal read: whether the device is suspect."""
+
+    suspicion: Suspicion | None
 
 
 def suspicion(*, session: Session, uuid: str) -> Suspicion | None:

@@ -117,6 +117,9 @@ class Beat:
     #: expired or another worker took the GPU), or, for a gang, once any member's worker went
     #: silent: the job must leave its devices at once (the whole gang is fenced).
     device_held: bool
+    #: True when this heartbeat also renewed the claim on the lease's device (and stored the
+    #: sample): the worker's keeper need not renew it itself (``workers.handoff``).
+    device_renewed: bool = False
 
 
 def heartbeat(
@@ -126,36 +129,68 @@ def heartbeat(
     epoch: int,
     ttl: float,
     progress: dict[str, Any] | None = None,
+    sample: dict[str, Any] | None = None,
 ) -> Beat | None:
-    """Extend the lease, storing the trainer's latest ``progress`` on it in the same statement
-    (None keeps the last one): one write per running job per heartbeat. None if the lease is
-    gone."""
+    """Extend the lease, storing the trainer's latest ``progress`` on it (None keeps the last
+    one), and, in the same statement, renew the claim on the lease's device while its worker
+    holds it, storing the latest GPU ``sample`` there and folding it into the job's statistics:
+    one write per running job per heartbeat. None if the lease is gone."""
     row = session.execute(
         text(
             f"""
-            UPDATE leases l
-               SET heartbeat_at = now(), expires_at = now() + make_interval(secs => :ttl),
-                   progress = coalesce(:progress, l.progress)
-              FROM jobs j
-             WHERE l.job_id = :job_id AND l.epoch = :epoch AND l.released_at IS NULL
-               AND {FENCE}
-            RETURNING j.cancel_requested,
-                      (l.device_uuid IS NULL OR EXISTS (
-                          SELECT 1 FROM devices d
-                           WHERE d.uuid = l.device_uuid AND d.worker = l.worker
-                             AND d.expires_at > now()))
-                      -- a gang: every member's worker must still be alive
-                      AND NOT EXISTS (
-                          SELECT 1 FROM devices g
-                           WHERE g.gang_job = l.job_id AND g.gang_epoch = l.epoch
-                             AND (g.worker IS NULL OR g.expires_at <= now())) AS device_held
+            WITH l AS (
+                UPDATE leases l
+                   SET heartbeat_at = now(), expires_at = now() + make_interval(secs => :ttl),
+                       progress = coalesce(:progress, l.progress)
+                  FROM jobs j
+                 WHERE l.job_id = :job_id AND l.epoch = :epoch AND l.released_at IS NULL
+                   AND {FENCE}
+                RETURNING l.job_id, l.epoch, l.worker, l.device_uuid, j.cancel_requested),
+            d AS (
+                UPDATE devices d
+                   SET heartbeat_at = now(), expires_at = now() + make_interval(secs => :ttl),
+                       last_sample = coalesce(:sample, d.last_sample),
+                       sampled_at = CASE WHEN :sample IS NULL THEN d.sampled_at ELSE now() END
+                  FROM l
+                 WHERE d.uuid = l.device_uuid AND d.worker = l.worker AND d.expires_at > now()
+                RETURNING d.uuid),
+            s AS (
+                UPDATE jobs SET gpu_util_sum = gpu_util_sum + :util,
+                       gpu_util_samples = gpu_util_samples + 1,
+                       gpu_peak_memory_bytes = greatest(gpu_peak_memory_bytes, :mem)
+                  FROM l
+                 WHERE jobs.id = l.job_id AND :sample IS NOT NULL AND EXISTS (SELECT 1 FROM d))
+            SELECT l.cancel_requested,
+                   EXISTS (SELECT 1 FROM d) AS device_renewed,
+                   (l.device_uuid IS NULL OR EXISTS (SELECT 1 FROM d))
+                   -- a gang: every member's worker must still be alive
+                   AND NOT EXISTS (
+                       SELECT 1 FROM devices g
+                        WHERE g.gang_job = l.job_id AND g.gang_epoch = l.epoch
+                          AND (g.worker IS NULL OR g.expires_at <= now())) AS device_held
+              FROM l
             """
-        ).bindparams(bindparam("progress", type_=JSONB(none_as_null=True))),
-        {"job_id": job_id, "epoch": epoch, "ttl": ttl, "progress": progress},
+        ).bindparams(
+            bindparam("progress", type_=JSONB(none_as_null=True)),
+            bindparam("sample", type_=JSONB(none_as_null=True)),
+        ),
+        {
+            "job_id": job_id,
+            "epoch": epoch,
+            "ttl": ttl,
+            "progress": progress,
+            "sample": sample,
+            "util": float((sample or {}).get("utilization") or 0.0),
+            "mem": int((sample or {}).get("memory_used_bytes") or 0),
+        },
     ).one_or_none()
     if row is None:
         return None
-    return Beat(cancel_requested=row.cancel_requested, device_held=row.device_held)
+    return Beat(
+        cancel_requested=row.cancel_requested,
+        device_held=row.device_held,
+        device_renewed=row.device_renewed,
+    )
 
 
 def record_progress(

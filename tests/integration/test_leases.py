@@ -294,13 +294,15 @@ def test_the_heartbeat_says_when_the_lease_s_device_was_claimed_by_another_worke
         with session_scope(url) as s:
             return leases.heartbeat(session=s, job_id=job_id, epoch=grant.epoch, ttl=60)
 
-    assert beat() == leases.Beat(cancel_requested=False, device_held=True)
+    # (and its heartbeat renews the device claim: the keeper need not)
+    assert beat() == leases.Beat(cancel_requested=False, device_held=True, device_renewed=True)
     # When the claim expires and another worker takes the GPU
     with session_scope(url) as s:
         s.execute(text("UPDATE devices SET expires_at = now() - interval '1 s'"))
         assert device_rows.claim_device(session=s, uuids=["GPU-a"], worker="w2", ttl=60)
-    # Then the lease still renews (the job is w1's) but says the device is gone
-    assert beat() == leases.Beat(cancel_requested=False, device_held=False)
+    # Then the lease still renews (the job is w1's) but says the device is gone, and leaves
+    # w2's claim alone
+    assert beat() == leases.Beat(cancel_requested=False, device_held=False, device_renewed=False)
 
 
 def test_past_the_cap_a_hand_back_counts_so_a_job_stopped_over_and_over_still_ends(
