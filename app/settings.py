@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     reaper_grace: float = Field(default=0.0, ge=0)
     #: the most leases/jobs one reaper pass touches, so a pass stays short.
     reaper_batch: int = Field(default=100, ge=1)
+    #: days an ended job keeps its events, logs, leases and non-final checkpoints; the reaper
+    #: then deletes them and keeps the job row and its summary (0: keep everything).
+    retention_days: float = Field(default=30.0, ge=0)
     #: seconds any one statement may run, and may wait for a lock, on every connection (0: no
     #: limit); a stuck statement fails instead of stalling a heartbeat past its lease.
     db_statement_timeout: float = Field(default=60.0, ge=0)

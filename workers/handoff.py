@@ -13,8 +13,9 @@ small directory, named in the worker's identity before Celery forks its pool:
   it is fresh the keeper writes nothing (it renews its own deadline instead) and the telemetry
   thread knows the device is busy; once the job ends it ages, and the keeper's own heartbeat
   (which stores the sample too) takes over within two intervals;
-- ``leased``: touched by the supervisor when it wins a lease, so that the samples taken before
-  its first heartbeat are marked busy too.
+- ``leased``: touched by the supervisor when it wins a lease (the lease statement renews the
+  device claim too), so that the keeper writes nothing until the first heartbeat either and the
+  samples taken meanwhile are marked busy.
 
 Files, not pipes or shared memory: either side may die or start at any time, a stale file
 says so by its age, and a read costs one stat() or one small read, never a database round trip.
@@ -93,11 +94,8 @@ class Handoff:
         self._touch(RENEWED)
 
     def renewed_within(self, seconds: float) -> bool:
-        """Whether a lease's heartbeat renewed the device claim in the last ``seconds``."""
-        return self._age(RENEWED) <= seconds
-
-    def busy_within(self, seconds: float) -> bool:
-        """Whether a lease was won or renewed on this device in the last ``seconds``."""
+        """Whether a lease was won or renewed on this device in the last ``seconds``: either
+        statement renewed the device claim, and the device is busy."""
         return min(self._age(RENEWED), self._age(LEASED)) <= seconds
 
     def _touch(self, name: str) -> None:

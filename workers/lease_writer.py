@@ -59,7 +59,7 @@ class LeaseWriter:
         self.handoff = handoff
         #: samples taken before the lease was won belong to no job.
         self._since = time.time()
-        if handoff is not None:
+        if handoff is not None:  # the lease statement renewed the device claim
             handoff.mark_leased()
         #: the trainer's latest progress not yet stored: it goes with the next heartbeat.
         self._progress: dict[str, Any] | None = None

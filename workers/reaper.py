@@ -2,8 +2,9 @@
 
 Every ``reaper_interval``: expired leases are closed and their jobs requeued (or failed when
 their attempts are spent), queued jobs whose wake-up is missing or old are dispatched again
-(the outbox), devices whose worker stopped heartbeating are freed, and the fleet counters'
-deltas are folded in (``app.db.counters``). Any number of reapers
+(the outbox), devices whose worker stopped heartbeating are freed, the fleet counters'
+deltas are folded in (``app.db.counters``), and the history of jobs ended longer ago than
+``GPUFLEET_RETENTION_DAYS`` is deleted (``workers.retention``). Any number of reapers
 may run: every pass is bounded and skips rows another reaper has locked.
 
 After losing the database and getting it back, the reaper reaps no lease for one
@@ -29,6 +30,7 @@ from app.db.session import session_scope
 from app.domain.states import JobStatus
 from app.queue import Dispatcher
 from app.settings import Settings
+from workers import retention
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class PassReport:
     reaped: list[reaping.Reaped] = field(default_factory=list)
     dispatched: int = 0
     devices_freed: int = 0
+    pruned: int = 0  #: ended jobs whose history retention deleted
     quiet: bool = False  #: leases were not reaped (post-outage grace)
 
 
@@ -110,6 +113,7 @@ class Reaper:
             counters.fold(session=session, limit=limit * COUNTER_FOLD_FACTOR)
         for u in unschedulable:
             log.warning("job %s: unschedulable: %s", u.job_id, u.reason)
+        report.pruned = retention.prune(self.settings)
 
     def _redispatch_lost(self) -> int:
         """Send again the wake-ups the broker no longer holds.

@@ -53,6 +53,11 @@ class Outcome(StrEnum):
     LEASE_LOST = "lease_lost"  #: the lease was taken away; this worker stopped writing
 
 
+#: outcomes written by an end statement (``leases.finish``, ``requeue_for_retry``), which
+#: also marked the device idle.
+ENDED = frozenset({Outcome.SUCCEEDED, Outcome.FAILED, Outcome.CANCELLED, Outcome.REQUEUED})
+
+
 class Supervisor:
     def __init__(
         self, settings: Settings, identity: WorkerIdentity, *, spare: WarmSpare | None = None
@@ -78,7 +83,8 @@ class Supervisor:
             log.info("job %s: not leased (already taken, finished or not due); ack", job_id)
             return Outcome.SKIPPED
         log.info("job %s epoch %s: leased (attempt %s)", job_id, grant.epoch, grant.attempt)
-        # (the lease statement marked the device busy; the end of the run marks it idle)
+        # (the lease statement marked the device busy; the end statement marks it idle)
+        outcome = Outcome.LEASE_LOST
         try:
             outcome = self._run_lease(grant)
         except SQLAlchemyError as exc:
@@ -92,7 +98,8 @@ class Supervisor:
             )
             outcome = Outcome.LEASE_LOST
         finally:
-            self._mark_device_idle()
+            if outcome not in ENDED:  # an end statement marked the device idle already
+                self._mark_device_idle()
             if self.spare is not None:
                 self.spare.start(_framework(grant.spec))
         log.info("job %s epoch %s: %s", job_id, grant.epoch, outcome.value)

@@ -60,7 +60,7 @@ class TelemetryLoop(threading.Thread):
 
     def sample_once(self) -> dict[str, Any] | None:
         # Busy while a lease is held (no database read to know it).
-        busy = self.handoff.busy_within(1.5 * self.settings.heartbeat_interval)
+        busy = self.handoff.renewed_within(1.5 * self.settings.heartbeat_interval)
         sample = self.sampler.sample(self.device, busy=busy).as_dict()
         sample["taken_at"] = time.time()
         self.handoff.put_sample(sample)

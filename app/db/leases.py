@@ -39,12 +39,18 @@ class LeaseGrant:
     checkpoints: list[str] = field(default_factory=list)
 
 
+#: the device row's claim is the leasing worker's, and alive.
+_LIVE = "(devices.worker = :worker AND devices.expires_at > now())"
+
+
 def acquire_lease(
     *, session: Session, job_id: uuid.UUID, worker: str, device_uuid: str | None, ttl: float
 ) -> LeaseGrant | None:
     """Win the job if it is queued and due. None means someone else has it (or it ended).
 
-    The device's row is locked and marked (``current_job``) in the same statement, and a device
+    The device's row is locked and marked (``current_job``) in the same statement, its claim
+    renewed when this worker holds it (the first of the lease's device renewals, see
+    ``heartbeat``), and a device
     that a gang holds is refused: a gang's lease (``app.db.gangs``) locks the same rows, so the
     two never both take one device."""
     row = session.execute(
@@ -62,7 +68,12 @@ def acquire_lease(
                    AND NOT EXISTS (SELECT 1 FROM dev WHERE gang_job IS NOT NULL)
                 RETURNING id, epoch, attempts, max_attempts, spec, micro_batch),
             mark AS (
-                UPDATE devices SET current_job = won.id FROM won
+                -- busy, and the worker's live claim renewed: its keeper need not (handoff)
+                UPDATE devices SET current_job = won.id,
+                       heartbeat_at = CASE WHEN {_LIVE} THEN now() ELSE heartbeat_at END,
+                       expires_at = CASE WHEN {_LIVE} THEN now() + make_interval(secs => :ttl)
+                                         ELSE expires_at END
+                  FROM won
                  WHERE devices.uuid = CAST(:device AS text))
             INSERT INTO leases (job_id, epoch, worker, device_uuid, acquired_at, heartbeat_at,
                                 expires_at)
@@ -319,6 +330,10 @@ _OUTCOME_STATUS = {
 }
 
 
+#: The CTE the end statements share: the job's device is idle again (no write of its own).
+_IDLE = "UPDATE devices SET current_job = NULL WHERE current_job IN (SELECT id FROM j)"
+
+
 def finish(
     *,
     session: Session,
@@ -328,7 +343,8 @@ def finish(
     result: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
 ) -> bool:
-    """End the job for good (succeeded, failed or cancelled) and close its lease."""
+    """End the job for good (succeeded, failed or cancelled), close its lease and mark its
+    device idle."""
     status = _OUTCOME_STATUS[outcome]
     stmt = text(
         f"""
@@ -336,7 +352,8 @@ def finish(
             UPDATE jobs j SET status = CAST(:status AS job_status), finished_at = now(),
                    result = :result, error = :error, retry_at = NULL
              WHERE {FENCE}
-            RETURNING j.id)
+            RETURNING j.id),
+        idle AS ({_IDLE})
         UPDATE leases SET released_at = now(), outcome = CAST(:outcome AS lease_outcome)
          WHERE job_id IN (SELECT id FROM j) AND epoch = :epoch AND released_at IS NULL
         RETURNING id
@@ -382,7 +399,7 @@ def requeue_for_retry(
     nothing would lease or cancel it). With ``count_attempt=False`` (the worker is draining, or
     lost the database) the try is handed back without counting against ``max_attempts``, up to
     ``FREE_HANDBACKS`` times per job; past that a hand-back counts, so a job whose workers keep
-    being stopped still ends. None if the lease was gone."""
+    being stopped still ends. Its device is marked idle. None if the lease was gone."""
     error: dict[str, Any] = {"kind": kind.value, "message": message}
     cancelled: dict[str, Any] = {
         "kind": ErrorKind.CANCELLED.value,
@@ -418,7 +435,8 @@ def requeue_for_retry(
                        WHEN 'failed' THEN 'failed'::lease_outcome
                        WHEN 'cancelled' THEN 'cancelled'::lease_outcome
                        ELSE 'requeued'::lease_outcome END
-             WHERE job_id IN (SELECT id FROM j) AND epoch = :epoch AND released_at IS NULL)
+             WHERE job_id IN (SELECT id FROM j) AND epoch = :epoch AND released_at IS NULL),
+        idle AS ({_IDLE})
         SELECT status, counted FROM j
         """
     ).bindparams(bindparam("error", type_=JSONB), bindparam("cancelled", type_=JSONB))

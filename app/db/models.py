@@ -92,6 +92,9 @@ class Job(Base):
     #: numbers are gap-free and commit in order, so a reader's cursor never skips a row.
     event_seq: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     log_seq: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    #: when retention deleted the ended job's history (events, logs, leases, older
+    #: checkpoints); the row and its summary stay (``app.db.retention``).
+    pruned_at: Mapped[datetime | None] = mapped_column(TZ)
 
     __table_args__ = (
         UniqueConstraint("tenant", "idempotency_key"),
@@ -136,6 +139,12 @@ class Job(Base):
         # List pages, newest first: a tenant's by status, and an admin's.
         Index("ix_jobs_tenant_status_created", "tenant", "status", "created_at", "id"),
         Index("ix_jobs_created", "created_at", "id"),
+        # Retention: ended jobs whose history is still kept, oldest end first.
+        Index(
+            "ix_jobs_retention_due",
+            "finished_at",
+            postgresql_where=text("finished_at IS NOT NULL AND pruned_at IS NULL"),
+        ),
     )
 
 

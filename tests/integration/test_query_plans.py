@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session
 
-from app.db import counters, fleet, jobs, leases, reaping
+from app.db import counters, fleet, jobs, leases, reaping, retention
 from app.db.session import engine_for, session_scope
 from app.domain.spec import JobSpec
 from app.domain.states import EventKind, JobStatus
@@ -155,6 +155,9 @@ HOT: dict[str, Callable[[BigDb], Callable[[Session], Any]]] = {
         lambda s: reaping.reap_expired_leases(session=s, grace=0, limit=100)
     ),
     "max_wait check": lambda db: lambda s: reaping.fail_unschedulable(session=s, limit=100),
+    "retention's batch": lambda db: (
+        lambda s: retention.prune_ended(session=s, retention_days=30, limit=100)
+    ),
     "event counts": lambda db: (
         lambda s: fleet.event_counts(
             session=s, kinds=[EventKind.LEASE_EXPIRED, EventKind.OOM_BACKOFF]
