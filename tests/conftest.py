@@ -10,6 +10,11 @@ then creates and drops its own databases on that Postgres, and empties Redis dat
 
 The schema is migrated once into a template database; each test gets a cheap clone of it
 (``CREATE DATABASE ... TEMPLATE``). A server that does not start is an error, never a skip.
+
+``GPUFLEET_TEST_PGBOUNCER=1`` puts a PgBouncer in transaction mode (``tests/pgbouncer.py``)
+between the suite's Postgres and everything the tests run: every database URL a test, an API,
+a worker or a reaper gets goes through it; only the suite's own administration (creating,
+migrating the template, dropping databases) talks to Postgres directly.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -44,6 +50,8 @@ class _PrivateServers:
         self._redis: EmbeddedRedis | None = None
         self._pg_address: tuple[str, int] | None = None
         self._redis_url: str | None = None
+        self._bouncer: Any = None
+        self._app_address: tuple[str, int] | None = None
 
     def _data_dir(self) -> Path:
         if self._dir is None:
@@ -61,6 +69,28 @@ class _PrivateServers:
                 self._pg_address = (self._pg.host, self._pg.port)
         return self._pg_address
 
+    def app_address(self) -> tuple[str, int]:
+        """Where the code under test connects: Postgres, or PgBouncer in front of it."""
+        if self._app_address is None:
+            host, port = self.pg_address()
+            if os.environ.get("GPUFLEET_TEST_PGBOUNCER", "0") == "1":
+                from app.settings import Settings
+                from tests.pgbouncer import EmbeddedPgBouncer, role_timeouts
+
+                defaults = Settings()
+                role_timeouts(
+                    f"host={host} port={port} user=postgres dbname=postgres",
+                    statement_timeout_s=defaults.db_statement_timeout,
+                    lock_timeout_s=defaults.db_lock_timeout,
+                )
+                self._bouncer = EmbeddedPgBouncer(
+                    self._data_dir() / "pgbouncer", pg_host=host, pg_port=port
+                ).start()
+                self._app_address = (self._bouncer.host, self._bouncer.port)
+            else:
+                self._app_address = (host, port)
+        return self._app_address
+
     def redis_url(self) -> str:
         if self._redis_url is None:
             given = os.environ.get("GPUFLEET_TEST_REDIS")
@@ -72,7 +102,7 @@ class _PrivateServers:
         return self._redis_url
 
     def stop(self) -> None:
-        for server in (self._redis, self._pg):
+        for server in (self._bouncer, self._redis, self._pg):
             if server is not None:
                 server.stop()
         if self._dir is not None:
@@ -89,6 +119,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pg_address() -> tuple[str, int]:
     """(host, port) of the suite's Postgres (started on first call)."""
     return _servers.pg_address()
+
+
+def app_address() -> tuple[str, int]:
+    """(host, port) the code under test connects to: the suite's PgBouncer, or Postgres."""
+    return _servers.app_address()
 
 
 def redis_server_url() -> str:
@@ -110,6 +145,19 @@ def __getattr__(name: str) -> object:
 
 
 def sqlalchemy_url(dbname: str) -> str:
+    """The URL the code under test uses (through PgBouncer with GPUFLEET_TEST_PGBOUNCER=1)."""
+    host, port = _servers.app_address()
+    return f"postgresql+psycopg://postgres@{host}:{port}/{dbname}"
+
+
+def pgbouncer() -> Any:
+    """The suite's PgBouncer (``tests.pgbouncer.EmbeddedPgBouncer``), None without one."""
+    _servers.app_address()
+    return _servers._bouncer
+
+
+def direct_url(dbname: str) -> str:
+    """The URL of the database on Postgres itself, never through PgBouncer."""
     host, port = pg_address()
     return f"postgresql+psycopg://postgres@{host}:{port}/{dbname}"
 
@@ -152,7 +200,9 @@ def template_db(postgres_address: tuple[str, int]) -> Iterator[str]:
     name = f"gpufleet_tpl_{os.getpid()}"
     _admin(f'DROP DATABASE IF EXISTS "{name}"')
     _admin(f'CREATE DATABASE "{name}"')
-    migrate(sqlalchemy_url(name))
+    # Directly: PgBouncer would keep server connections to the template open, and a template
+    # must have none for CREATE DATABASE ... TEMPLATE.
+    migrate(direct_url(name))
     yield name
     _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -3,10 +3,14 @@ PgBouncer's transaction mode would hand to another client."""
 
 from __future__ import annotations
 
-from sqlalchemy import text
+import os
+
+import pytest
+from sqlalchemy import make_url, text
 
 from app.db.session import engine_for, session_scope
 from app.settings import Settings, get_settings
+from tests.conftest import pg_address, pgbouncer
 
 
 def test_connections_have_the_timeouts_of_the_settings_and_never_prepare(
@@ -37,3 +41,23 @@ def _ms(value: str) -> int:
         if value.endswith(unit):
             return int(value[: -len(unit)]) * factor
     return int(value)
+
+
+@pytest.mark.skipif(
+    os.environ.get("GPUFLEET_TEST_PGBOUNCER", "0") != "1", reason="the suite's PgBouncer pass"
+)
+def test_the_pgbouncer_pass_runs_through_pgbouncer_in_transaction_mode(
+    settings: Settings,
+) -> None:
+    """With GPUFLEET_TEST_PGBOUNCER=1 the code under test reaches Postgres through PgBouncer in
+    transaction mode, and the timeouts it cannot pass on come from the role."""
+    bouncer = pgbouncer()
+    assert bouncer is not None
+    url = make_url(settings.database_url)
+    assert url.port == bouncer.port != pg_address()[1]
+    with session_scope(settings.database_url) as s:
+        s.execute(text("SELECT 1"))
+        timeout = s.scalar(text("SELECT current_setting('statement_timeout')"))
+    pools = {p["database"]: p for p in bouncer.pools()}
+    assert pools[url.database]["pool_mode"] == "transaction"
+    assert _ms(timeout) == round(get_settings().db_statement_timeout * 1000)

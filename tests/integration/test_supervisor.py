@@ -247,12 +247,12 @@ def test_a_corrupt_latest_checkpoint_is_skipped_for_the_one_before(
 def test_a_supervisor_that_cannot_renew_kills_its_trainer_before_the_lease_expires(
     fi_settings: Settings, outage: str
 ) -> None:
-    from tests.conftest import pg_address, with_port
+    from tests.conftest import app_address, with_port
     from tests.e2e.fleet import cmdline, descendants
     from tests.outage import CuttableProxy
 
     # Given a job running through a database connection that is about to fail
-    proxy = CuttableProxy(pg_address())
+    proxy = CuttableProxy(app_address())
     through_proxy = fi_settings.model_copy(
         update={"database_url": with_port(fi_settings.database_url, proxy.port)}
     )
