@@ -68,7 +68,7 @@ def _attempts(fleet: Fleet, job_id: str) -> list[dict[str, Any]]:
 def _gang_job(**training: Any) -> dict[str, Any]:
     return small_job(
         resources={"gpu_type": "A100", "memory_gb": 8, "gpu_count": 2},
-        training={"epochs": 2, "checkpoint_every_steps": 10, **training},
+        training={"epochs": 1, "checkpoint_every_steps": 10, **training},
     )
 
 
@@ -92,9 +92,11 @@ def test_gangs_train_like_one_process_on_one_host_and_never_share_a_device(fleet
     # When two gangs of 2, a gang of 3 and three single-GPU jobs are submitted at once, and the
     # gang's job once more on one process (the same global batch)
     gangs = [fleet.submit(_gang_job()) for _ in range(2)]
-    three = fleet.submit(small_job(resources={"gpu_type": "A100", "gpu_count": 3}))
+    three = fleet.submit(
+        small_job(resources={"gpu_type": "A100", "gpu_count": 3}, training={"max_steps": 5})
+    )
     singles = [fleet.submit(_sleeper(100)) for _ in range(3)]
-    one = fleet.submit(small_job(resources={"gpu_type": "A100"}, training={"epochs": 2}))
+    one = fleet.submit(small_job(resources={"gpu_type": "A100"}, training={"epochs": 1}))
     final = fleet.wait_final([*gangs, three, *singles, one], timeout=240)
     # Then all succeed; a gang's loss is the one process's within the stated tolerance, and
     # both gangs (same spec) end with the same weights
@@ -139,7 +141,7 @@ def test_a_killed_leader_stops_its_gang_which_resumes_on_the_other_host_bit_for_
     for job_id in busy:
         wait_for(lambda j=job_id: fleet.job(j)["lease"], timeout=60, what="a single's lease")
     # And a gang of 2 running on host-4's other two devices (then host-2 starts)
-    training = {"epochs": 4}
+    training = {"epochs": 2}
     job_id = fleet.submit({**_gang_job(**training), "faults": {"step_delay_s": 0.1}})
     lease = wait_for(lambda: fleet.job(job_id)["lease"], timeout=60, what="the gang's lease")
     assert lease["host"] == "host-4"
