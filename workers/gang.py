@@ -1,14 +1,43 @@
-"""Running a gang (a job of ``gpu_count`` > 1): what each rank process is told.
+"""Running a gang (a job of ``gpu_count`` > 1): its N rank processes as one trainer.
 
-Only the pure part so far: the supervisor does not lead gangs yet (submit still refuses them).
+The leader's supervisor runs a :class:`GangProcess` exactly where it would run one
+``TrainerProcess`` (``workers.watch``): the same ``poll``/``ask_stop``/``signal_group``/``kill``/
+``close`` and one ``control`` and one ``output`` stream. Underneath, each rank is a
+``TrainerProcess`` of its own (fresh interpreter, own process group, allow-listed environment,
+dies with the supervisor) with torch.distributed's environment (:func:`rank_environment`), and:
+
+- **one failure stops all**: the first rank to exit with anything but success or a requested
+  stop has every other rank's group killed at once (they would otherwise wait in an
+  all-reduce), and its exit code is the gang's;
+- **control**: rank 0's messages (progress, checkpoints, result) are relayed; of the other
+  ranks only a failure is, and only the first failure of the gang, so the attempt ends with the
+  class of the first failure;
+- **output**: every rank's lines go to the job's log, each prefixed ``[rank N]``.
+
+Stopping on request needs no coordination here: every rank is asked, and the ranks agree on
+the step to stop at (``workers.trainers.distributed.any_rank``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from workers.trainer_process import TrainerProcess
+from workers.trainers import protocol
 
 #: the ranks of a gang run on one host, so they meet on the loopback interface.
 MASTER_ADDR = "127.0.0.1"
+
+#: exit codes that do not stop the other ranks: they end the same way on their own.
+_PEACEFUL = frozenset({protocol.EXIT_OK, protocol.EXIT_STOPPED})
 
 
 def rank_environment(
@@ -33,3 +62,199 @@ def rank_environment(
     if real_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     return env
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface for the ranks' rendezvous (rank 0 binds it
+    a moment later; another process taking it meanwhile fails the attempt as infra)."""
+    with socket.socket() as s:
+        s.bind((MASTER_ADDR, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def leader_first(devices: Sequence[str], leader: str | None) -> list[str]:
+    """The gang's devices with the leader's first (it is rank 0), the others in index order."""
+    ordered = list(devices)
+    if leader in ordered:
+        ordered.remove(leader)
+        ordered.insert(0, leader)
+    return ordered
+
+
+class GangProcess:
+    """N ranks of one trainer run, seen as one ``TrainerProcess`` (see the module)."""
+
+    def __init__(self, ranks: list[TrainerProcess]) -> None:
+        if not ranks:
+            raise ValueError("a gang needs at least one rank")
+        self.ranks = ranks
+        self._lock = threading.Lock()  #: the ranks' exit codes and the failure relayed
+        self._write_lock = threading.Lock()  #: whole lines into the merged streams
+        self._failed: int | None = None  #: the first rank to fail
+        self._failure_sent = False
+        self._codes: dict[int, int] = {}
+        control_read, self._control_w = os.pipe()
+        output_read, self._output_w = os.pipe()
+        self.control: BinaryIO = os.fdopen(control_read, "rb", buffering=0)
+        self.output: BinaryIO = os.fdopen(output_read, "rb", buffering=0)
+        self._open_writers = {"control": len(ranks), "output": len(ranks)}
+        self._threads = [
+            threading.Thread(target=fn, args=(rank,), name=f"gang{fn.__name__}-{rank}", daemon=True)
+            for rank in range(len(ranks))
+            for fn in (self._relay_control, self._relay_output, self._wait)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @classmethod
+    def start(
+        cls,
+        launch_file: Path,
+        devices: Sequence[str],
+        *,
+        real_gpus: bool,
+        spawn: Callable[[list[str], dict[str, str]], TrainerProcess] | None = None,
+    ) -> GangProcess:
+        """Start one trainer per device for ``launch_file``, meeting on a free local port."""
+        port = free_port()
+        argv = [sys.executable, "-m", "workers.trainers.main", str(launch_file)]
+        start = spawn or (lambda args, env: TrainerProcess(args, declared=env))
+        ranks: list[TrainerProcess] = []
+        try:
+            for rank in range(len(devices)):
+                env = rank_environment(
+                    rank=rank, devices=devices, master_port=port, real_gpus=real_gpus
+                )
+                ranks.append(start(argv, env))
+        except BaseException:
+            for started in ranks:
+                started.close()
+            raise
+        return cls(ranks)
+
+    # -- the TrainerProcess interface ------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        return self.ranks[0].pid
+
+    def poll(self) -> int | None:
+        """None while any rank runs; then the first failed rank's code, else rank 0's."""
+        with self._lock:
+            if len(self._codes) < len(self.ranks):
+                return None
+            if self._failed is not None:
+                return self._codes[self._failed]
+            return self._codes[0]
+
+    def ask_stop(self) -> None:
+        for rank in self.ranks:
+            rank.ask_stop()
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        for rank in self.ranks:
+            rank.signal_group(sig)
+
+    def kill(self) -> int:
+        self.signal_group(signal.SIGKILL)
+        for rank in self.ranks:
+            rank.proc.wait()
+        for thread in self._threads:
+            if thread.name.startswith("gang_wait"):
+                thread.join()
+        code = self.poll()
+        assert code is not None
+        return code
+
+    def close(self) -> None:
+        """After the run: every rank's group is gone, the relay threads have ended (a write
+        into a merged stream nobody reads any more fails at once), every pipe is closed."""
+        for stream in (self.control, self.output):
+            with contextlib.suppress(OSError):
+                stream.close()
+        for rank in self.ranks:
+            rank.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        for name in ("control", "output"):
+            self._close_writer(name, force=True)
+
+    # -- the threads -----------------------------------------------------------------------
+
+    def _wait(self, rank: int) -> None:
+        code = self.ranks[rank].proc.wait()
+        with self._lock:
+            self._codes[rank] = code
+            first = code not in _PEACEFUL and self._failed is None
+            if first:
+                self._failed = rank
+        if first:
+            for other, process in enumerate(self.ranks):
+                if other != rank:
+                    process.signal_group(signal.SIGKILL)
+
+    def _relay_control(self, rank: int) -> None:
+        partial = b""
+        stream = self.ranks[rank].control
+        try:
+            while chunk := _read(stream):
+                partial += chunk
+                *lines, partial = partial.split(b"\n")
+                for line in lines:
+                    if line.strip() and self._passes(rank, line):
+                        self._write(self._control_w, line + b"\n")
+        finally:
+            self._close_writer("control")
+
+    def _passes(self, rank: int, line: bytes) -> bool:
+        """Rank 0's messages pass, and the gang's first failure, whichever rank sent it."""
+        try:
+            msg = protocol.decode(line)
+        except ValueError:
+            return rank == 0  # the supervisor's relay says it is unreadable
+        if not isinstance(msg, protocol.Failure):
+            return rank == 0
+        with self._lock:
+            if self._failure_sent:
+                return False
+            self._failure_sent = True
+            return True
+
+    def _relay_output(self, rank: int) -> None:
+        prefix = f"[rank {rank}] ".encode()
+        partial = b""
+        stream = self.ranks[rank].output
+        try:
+            while chunk := _read(stream):
+                partial += chunk
+                *lines, partial = partial.split(b"\n")
+                if lines:
+                    self._write(self._output_w, b"".join(prefix + line + b"\n" for line in lines))
+            if partial:
+                self._write(self._output_w, prefix + partial + b"\n")
+        finally:
+            self._close_writer("output")
+
+    def _write(self, fd: int, data: bytes) -> None:
+        with self._write_lock, contextlib.suppress(OSError):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+
+    def _close_writer(self, name: str, *, force: bool = False) -> None:
+        """The merged stream ends (EOF for the supervisor) once every rank's stream has."""
+        with self._lock:
+            if self._open_writers[name] <= 0:
+                return
+            self._open_writers[name] = 0 if force else self._open_writers[name] - 1
+            if self._open_writers[name] == 0:
+                with contextlib.suppress(OSError):
+                    os.close(self._control_w if name == "control" else self._output_w)
+
+
+def _read(stream: IO[bytes]) -> bytes:
+    try:
+        return os.read(stream.fileno(), 65536)
+    except (OSError, ValueError):
+        return b""

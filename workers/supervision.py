@@ -21,7 +21,7 @@ import signal
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 import redis
 import redis.client
@@ -32,11 +32,25 @@ from app.domain.stopping import StopReason
 from app.queue import cancel_channel
 from workers import drain
 from workers.lease_writer import LeaseWriter
-from workers.trainer_process import TrainerProcess
 from workers.trainers import protocol
 from workers.watchdog import Deadline, retry_delay
 
 log = logging.getLogger(__name__)
+
+
+class Trainer(Protocol):
+    """What the supervision loop needs of a trainer run: one ``TrainerProcess``, or a gang of
+    them (``workers.gang.GangProcess``)."""
+
+    @property
+    def control(self) -> IO[bytes]: ...
+    @property
+    def output(self) -> IO[bytes]: ...
+    def poll(self) -> int | None: ...
+    def ask_stop(self) -> None: ...
+    def signal_group(self, sig: signal.Signals) -> None: ...
+    def kill(self) -> int: ...
+    def close(self) -> None: ...
 
 
 class Heartbeat:
@@ -152,7 +166,7 @@ class StopEscalation:
     STOP_GRACE_S = 10.0
     TERM_GRACE_S = 5.0
 
-    def __init__(self, trainer: TrainerProcess) -> None:
+    def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.asked_at: float | None = None
         self.term_at: float | None = None

@@ -1,10 +1,12 @@
 """The lease lifecycle around a trainer: win the lease, run the trainer under watch, end it.
 
-The supervisor runs in the Celery task process. It wins the lease, then runs the trainer
-(``workers.trainer_process``) under watch (``workers.watch``) until it exits, and lets one pure
-function (``app.domain.outcome.decide``) say how the run ends: finish, fail, requeue with
-backoff, hand back, shrink the micro-batch and start again in the same lease, or write nothing
-because the lease is gone. Every write goes through one fenced writer (``LeaseWriter``).
+The supervisor runs in the Celery task process. It wins the lease (for a job of several GPUs,
+a gang of this host's devices that it leads: ``workers.gang_lease``), then runs the trainer
+(``workers.trainer_process``; a gang's ranks: ``workers.gang.GangProcess``) under watch
+(``workers.watch``) until it exits, and lets one pure function (``app.domain.outcome.decide``)
+say how the run ends: finish, fail, requeue with backoff, hand back, shrink the micro-batch and
+start again in the same lease, or write nothing because the lease is gone. Every write goes
+through one fenced writer (``LeaseWriter``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from app.domain.states import ErrorKind, JobStatus, LeaseOutcome
 from app.domain.stopping import StopReason
 from app.settings import Settings
 from app.storage import open_store
-from workers import command_job
+from workers import command_job, gang_lease
+from workers.gang import GangProcess, leader_first
 from workers.handoff import Handoff
 from workers.identity import WorkerIdentity
 from workers.lease_writer import LeaseWriter
@@ -79,6 +82,8 @@ class Supervisor:
                 device_uuid=self.identity.device_uuid,
                 ttl=self.settings.lease_ttl,
             )
+        if grant is None:  # or a job of several GPUs: this worker may lead its gang
+            grant = gang_lease.win(self.settings, self.identity, job_id)
         if grant is None:
             log.info("job %s: not leased (already taken, finished or not due); ack", job_id)
             return Outcome.SKIPPED
@@ -98,6 +103,8 @@ class Supervisor:
             )
             outcome = Outcome.LEASE_LOST
         finally:
+            if grant.gang:
+                gang_lease.release(self.settings, grant)
             if outcome not in ENDED:  # an end statement marked the device idle already
                 self._mark_device_idle()
             if self.spare is not None:
@@ -264,6 +271,10 @@ class Supervisor:
                 return command_job.run(
                     launch_file, workdir, writer, cfg, self._snapshot(grant, spec)
                 )
+            if grant.gang:
+                ranks = leader_first(grant.gang, self.identity.device_uuid)
+                gang = GangProcess.start(launch_file, ranks, real_gpus=self.identity.cuda)
+                return watch(gang, writer, cfg)
             warm = self.spare and self.spare.take(_framework(grant.spec), launch_file)
             return watch(warm or TrainerProcess.cold(launch_file), writer, cfg)
 

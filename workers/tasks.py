@@ -6,9 +6,9 @@ import logging
 import uuid
 
 from app.settings import get_settings
-from workers import identity
+from workers import gang_lease, identity
 from workers.deferral import defer_if_scarce
-from workers.supervisor import Supervisor
+from workers.supervisor import Outcome, Supervisor
 from workers.warm_spare import WarmSpare
 
 log = logging.getLogger(__name__)
@@ -35,4 +35,6 @@ def run_job_now(job_id: str) -> str:
         return "skipped"  # a device of a more plentiful type took it
     spare = SPARE if settings.warm_spare else None
     outcome = Supervisor(settings, worker, spare=spare).run(parsed)
+    if outcome is Outcome.SKIPPED and gang_lease.sit_out(settings, worker, parsed):
+        return "sat out"  # another worker's gang holds this device: it took nothing meanwhile
     return outcome.value

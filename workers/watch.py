@@ -23,8 +23,8 @@ from workers.supervision import (
     Relay,
     RuntimeLimit,
     StopEscalation,
+    Trainer,
 )
-from workers.trainer_process import TrainerProcess
 from workers.trainers import protocol
 from workers.watchdog import Deadline
 
@@ -67,7 +67,7 @@ class TrainerRun:
     output_tail: str = ""
 
 
-def watch(trainer: TrainerProcess, writer: LeaseWriter, cfg: WatchSettings) -> TrainerRun:
+def watch(trainer: Trainer, writer: LeaseWriter, cfg: WatchSettings) -> TrainerRun:
     """Relay, renew and stop as needed until ``trainer`` has exited; its group is gone after."""
     stops = StopReasons()
     # Kills the trainer once the lease has gone the budget without renewal, so that it is gone
@@ -144,7 +144,7 @@ def _read(sel: selectors.BaseSelector, streams: dict[int, Feed], *, timeout: flo
             sel.unregister(key.fd)
 
 
-def _deadline_passed(trainer: TrainerProcess, writer: LeaseWriter, budget: float) -> None:
+def _deadline_passed(trainer: Trainer, writer: LeaseWriter, budget: float) -> None:
     log.error(
         "%s: no lease renewal for %.1fs; killing the trainer before the lease expires",
         writer.tag,

@@ -11,8 +11,9 @@ so a device is never in a gang and under a single lease at once. Members carry
 ``gang_job``/``gang_epoch`` until the gang is released: their own workers' leases are refused
 meanwhile (they stay out), and ``GET /v1/devices`` shows the gang on each.
 
-Not wired into the worker yet: the leader's supervisor (N ranks) is the next slice, and submit
-refuses ``gpu_count`` > 1 until it lands.
+The leader's supervisor (``workers.supervisor``) starts the N ranks (``workers.gang``) and
+releases the gang when its lease ends; a member's worker that is woken meanwhile hands the
+wake-up back and sits out until the gang ends (``workers.gang_member``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app.db.events import add_event
-from app.db.leases import checkpoint_paths
-from app.domain.routing import ANY_TYPE, MEMORY_TOLERANCE, job_tier, type_list
+from app.db.leases import LeaseGrant, checkpoint_paths
+from app.domain.routing import ANY_TYPE, DEFAULT_FRAMEWORK, MEMORY_TOLERANCE, job_tier, type_list
 from app.domain.states import EventKind
 
 
@@ -41,6 +42,19 @@ class GangGrant:
     #: the members' device uuids in index order (the leader's among them).
     devices: list[str]
     checkpoints: list[str]
+
+    def as_lease(self) -> LeaseGrant:
+        """The lease the leader's supervisor runs, its gang's devices with it."""
+        return LeaseGrant(
+            job_id=self.job_id,
+            epoch=self.epoch,
+            attempt=self.attempt,
+            max_attempts=self.max_attempts,
+            spec=self.spec,
+            micro_batch=self.micro_batch,
+            checkpoints=self.checkpoints,
+            gang=tuple(self.devices),
+        )
 
 
 _ACQUIRE = text(
@@ -185,3 +199,111 @@ def free_ended_gangs(*, session: Session, limit: int) -> list[str]:
         {"limit": limit},
     ).all()
     return list(rows)
+
+
+@dataclass(frozen=True)
+class GangRequest:
+    """What a queued job of several GPUs asks for (read before leading its gang)."""
+
+    gpu_count: int
+    gpu_type: str | list[str]
+    memory_gb: float
+    queue: str
+    priority: int
+    framework: str
+
+
+def gang_request(*, session: Session, job_id: uuid.UUID) -> GangRequest | None:
+    """The job's request if it is queued, not cancelled, and asks for more than one GPU."""
+    row = session.execute(
+        text(
+            """
+            SELECT (spec->'resources'->>'gpu_count')::int AS gpu_count,
+                   spec->'resources'->'gpu_type' AS gpu_type,
+                   (spec->'resources'->>'memory_gb')::float AS memory_gb, queue, priority,
+                   coalesce(spec->>'framework', :framework) AS framework
+              FROM jobs
+             WHERE id = :job_id AND status = 'queued' AND NOT cancel_requested
+               AND (retry_at IS NULL OR retry_at <= now())
+               AND coalesce((spec->'resources'->>'gpu_count')::int, 1) > 1
+            """
+        ),
+        {"job_id": job_id, "framework": DEFAULT_FRAMEWORK},
+    ).one_or_none()
+    if row is None:
+        return None
+    gpu_type = row.gpu_type if row.gpu_type is not None else ANY_TYPE
+    return GangRequest(
+        gpu_count=row.gpu_count,
+        gpu_type=gpu_type,
+        memory_gb=row.memory_gb if row.memory_gb is not None else 8.0,
+        queue=row.queue,
+        priority=row.priority,
+        framework=row.framework,
+    )
+
+
+@dataclass(frozen=True)
+class Membership:
+    """A device held by a gang: the gang's job and epoch, and the worker that leads it."""
+
+    job_id: uuid.UUID
+    epoch: int
+    leader: str | None
+
+
+def membership(*, session: Session, device_uuid: str) -> Membership | None:
+    """The gang holding ``device_uuid``, or None."""
+    row = session.execute(
+        text(
+            """
+            SELECT d.gang_job, d.gang_epoch, l.worker FROM devices d
+              LEFT JOIN leases l ON l.job_id = d.gang_job AND l.epoch = d.gang_epoch
+             WHERE d.uuid = :device AND d.gang_job IS NOT NULL
+            """
+        ),
+        {"device": device_uuid},
+    ).one_or_none()
+    if row is None:
+        return None
+    return Membership(job_id=row.gang_job, epoch=row.gang_epoch, leader=row.worker)
+
+
+def free_fitting_per_host(
+    *, session: Session, gpu_type: str | list[str], memory_gb: float, framework: str
+) -> dict[str, int]:
+    """Per host, how many live, idle, healthy devices outside any gang fit a job now (the
+    devices a gang could win there at this moment)."""
+    types = type_list(gpu_type)
+    rows = session.execute(
+        text(
+            f"""
+            SELECT host, count(*) AS free FROM devices
+             WHERE worker IS NOT NULL AND expires_at > now() AND suspect_since IS NULL
+               AND gang_job IS NULL AND current_job IS NULL
+               AND (:any_type OR gpu_type = ANY(:types))
+               AND memory_bytes * {1 + MEMORY_TOLERANCE} >= :tier_bytes
+               AND (frameworks IS NULL OR frameworks -> CAST(:framework AS text) IS NOT NULL)
+             GROUP BY host
+            """
+        ),
+        {
+            "any_type": ANY_TYPE in types,
+            "types": types,
+            "tier_bytes": job_tier(memory_gb) * 2**30,
+            "framework": framework,
+        },
+    ).all()
+    return {r.host: r.free for r in rows}
+
+
+def queued_wakeup(*, session: Session, job_id: uuid.UUID) -> tuple[str, int] | None:
+    """(queue, priority) of a job still queued: where a handed-back wake-up goes."""
+    row = session.execute(
+        text(
+            "SELECT queue, priority FROM jobs"
+            " WHERE id = :job_id AND status = 'queued' AND NOT cancel_requested"
+        ),
+        {"job_id": job_id},
+    ).one_or_none()
+    return None if row is None else (row.queue, row.priority)

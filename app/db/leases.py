@@ -37,6 +37,8 @@ class LeaseGrant:
     micro_batch: int | None
     #: recorded checkpoint paths, newest first.
     checkpoints: list[str] = field(default_factory=list)
+    #: a gang's devices (``app.db.gangs``), in index order; empty for a single-GPU lease.
+    gang: tuple[str, ...] = ()
 
 
 #: the device row's claim is the leasing worker's, and alive.
@@ -46,7 +48,8 @@ _LIVE = "(devices.worker = :worker AND devices.expires_at > now())"
 def acquire_lease(
     *, session: Session, job_id: uuid.UUID, worker: str, device_uuid: str | None, ttl: float
 ) -> LeaseGrant | None:
-    """Win the job if it is queued and due. None means someone else has it (or it ended).
+    """Win the job if it is queued and due. None means someone else has it (or it ended), or
+    it asks for several GPUs (``app.db.gangs.acquire_gang`` wins those).
 
     The device's row is locked and marked (``current_job``) in the same statement, its claim
     renewed when this worker holds it (the first of the lease's device renewals, see
@@ -66,6 +69,8 @@ def acquire_lease(
                    AND (retry_at IS NULL OR retry_at <= now())
                    AND {DEVICE_MAY_START}
                    AND NOT EXISTS (SELECT 1 FROM dev WHERE gang_job IS NOT NULL)
+                   -- a job of several GPUs is won as a gang (app.db.gangs), never alone
+                   AND coalesce((spec->'resources'->>'gpu_count')::int, 1) = 1
                 RETURNING id, epoch, attempts, max_attempts, spec, micro_batch),
             mark AS (
                 -- busy, and the worker's live claim renewed: its keeper need not (handoff)

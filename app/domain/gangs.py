@@ -13,20 +13,9 @@ from collections.abc import Mapping
 MAX_GPU_COUNT = 16
 
 
-#: until a worker can lead a gang (lease N devices, start N ranks), a job of several GPUs that
-#: some host could hold is refused with this.
-NOT_YET = (
-    "gpu_count {n}: multi-GPU (gang) jobs are not supported yet; use gpu_count 1 "
-    "(memory_gb is per GPU)"
-)
-
-
 def gang_refusal(*, gpu_count: int, fitting_per_host: Mapping[str, int], wanted: str) -> str | None:
-    """Why a job of ``gpu_count`` GPUs is refused at submit, or None (``gpu_count`` 1)."""
-    if gpu_count <= 1:
-        return None
-    found = host_refusal(gpu_count=gpu_count, fitting_per_host=fitting_per_host, wanted=wanted)
-    return found or NOT_YET.format(n=gpu_count)
+    """Why a job of ``gpu_count`` GPUs is refused at submit, or None."""
+    return host_refusal(gpu_count=gpu_count, fitting_per_host=fitting_per_host, wanted=wanted)
 
 
 def host_refusal(*, gpu_count: int, fitting_per_host: Mapping[str, int], wanted: str) -> str | None:

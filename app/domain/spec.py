@@ -167,10 +167,9 @@ class ResourcesSpec(_Strict):
         default=1,
         ge=1,
         le=MAX_GPU_COUNT,
-        description="GPUs of one host. 1 today: a larger count is refused at submit (more "
-        "than any one host has: multi-host jobs are not supported; otherwise: gangs are not "
-        "supported yet).",
-        json_schema_extra={"maximum": 1},
+        description="GPUs of one host (a gang: one trainer rank per GPU, torch "
+        "DistributedDataParallel); more than any one host has fitting is refused at submit "
+        "(multi-host jobs are not supported). memory_gb is per GPU.",
     )
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
 
@@ -286,8 +285,8 @@ class JobSpec(_Strict):
     max_attempts: int = Field(default=3, ge=1, le=100)
     distributed_training: bool = Field(
         default=False,
-        description="false: multi-GPU (distributed) jobs are not supported yet.",
-        json_schema_extra={"const": False},
+        description="Train on the job's gpu_count GPUs with torch DistributedDataParallel; "
+        "implied (and set) by gpu_count > 1.",
     )
     #: seconds one attempt may run; then it stops at a checkpoint and fails ``timeout``.
     max_runtime: int | None = Field(
@@ -337,12 +336,34 @@ class JobSpec(_Strict):
             raise ValueError("entrypoint must look like 'package.module:function'")
         return value
 
-    @field_validator("distributed_training")
+    @model_validator(mode="after")
+    def _gang_shape(self) -> Self:
+        """A job of several GPUs runs its trainer once per GPU (``workers.gang``)."""
+        if self.resources.gpu_count == 1:
+            return self
+        n = self.resources.gpu_count
+        if self.command is not None:
+            raise ValueError(
+                f"gpu_count {n}: command jobs run on one GPU; multi-GPU jobs use the built-in "
+                "torch trainer or an entrypoint"
+            )
+        if self.effective_framework == "tensorflow":
+            raise ValueError(
+                f"gpu_count {n}: TensorFlow multi-GPU jobs (MirroredStrategy) are not "
+                "supported; use framework torch, or gpu_count 1"
+            )
+        return self
+
+    @model_validator(mode="before")
     @classmethod
-    def _no_distributed(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("multi-GPU (distributed) jobs are not supported yet")
-        return value
+    def _gang_implies_distributed(cls, data: Any) -> Any:
+        """``gpu_count`` > 1 implies ``distributed_training`` (stored so, whatever was sent)."""
+        if isinstance(data, dict):
+            resources = data.get("resources")
+            count = resources.get("gpu_count") if isinstance(resources, dict) else None
+            if isinstance(count, int) and not isinstance(count, bool) and count > 1:
+                return {**data, "distributed_training": True}
+        return data
 
     @model_validator(mode="after")
     def _one_way_to_train(self) -> Self:

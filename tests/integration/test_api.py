@@ -127,8 +127,11 @@ def test_idempotency_key(client: TestClient) -> None:
         (job_with(colour="red"), 422, "unknown field 'colour'"),
         (job_with(resources={"memory_gb": -4}), 422, "resources.memory_gb"),
         (job_with(framework="jax"), 422, "framework"),
-        (job_with(resources={"gpu_count": 2}), 422, "multi-GPU (gang) jobs are not supported yet"),
-        (job_with(distributed_training=True), 422, "not supported yet"),
+        (
+            job_with(framework="tensorflow", resources={"gpu_count": 2}),
+            422,
+            "TensorFlow multi-GPU jobs (MirroredStrategy) are not supported",
+        ),
         (job_with(resources={"memory_gb": 500}), 422, "largest GPU tier"),
         (job_with(faults={"oom_above_micro_batch": 64}), 422, "GPUFLEET_FAULT_INJECTION"),
         (job_with(framework=None, entrypoint="evil.module:run"), 422, "not under an allowed"),

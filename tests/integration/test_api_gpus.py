@@ -48,10 +48,16 @@ def test_more_gpus_than_any_host_has_is_a_422_naming_multi_host(client: TestClie
     )
 
 
-def test_a_gang_one_host_could_hold_is_refused_as_not_yet_supported(client: TestClient) -> None:
+def test_a_gang_one_host_could_hold_is_accepted_as_distributed(client: TestClient) -> None:
+    # A gang of 4 fits host-4: accepted, distributed training implied
     response = client.post("/v1/jobs", json=job_with(resources={"gpu_count": 4}), headers=ALICE)
-    assert response.status_code == 422
-    assert "gang) jobs are not supported yet" in error_of(response)
+    assert response.status_code == 201, response.text
+    assert response.json()["spec"]["distributed_training"] is True
+    # TensorFlow has no multi-GPU trainer here: a clear 422
+    tf = job_with(framework="tensorflow", resources={"gpu_count": 2})
+    refused = client.post("/v1/jobs", json=tf, headers=ALICE)
+    assert refused.status_code == 422
+    assert "TensorFlow multi-GPU jobs (MirroredStrategy) are not supported" in error_of(refused)
 
 
 def test_validate_speaks_of_the_alternatives(client: TestClient) -> None:

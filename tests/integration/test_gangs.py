@@ -264,3 +264,29 @@ def test_devices_show_which_a_gang_holds(fleet: Settings) -> None:
     held = {u for u, (gang, job) in shown.items() if gang and job == str(grant.job_id)}
     assert held == {"GPU-a0", "GPU-a3"}
     assert not any(gang for u, (gang, _) in shown.items() if u not in held)
+
+
+def test_a_job_of_several_gpus_is_never_won_as_a_single_lease(fleet: Settings) -> None:
+    # Given a queued gang job, woken on a free device
+    job_id = _submit(fleet, gpu_count=2)
+    # Then a single-GPU lease of it is refused, and a gang of it is won
+    assert _single(fleet, job_id, "GPU-a0") is None
+    with session_scope(fleet.database_url) as s:
+        request = gangs.gang_request(session=s, job_id=job_id)
+        assert request is not None and request.gpu_count == 2
+        free = gangs.free_fitting_per_host(
+            session=s, gpu_type="any", memory_gb=8, framework="torch"
+        )
+    assert free == {"host-4": 4, "host-2": 2}
+    grant = _gang(fleet, job_id, "GPU-a1", 2)
+    assert grant is not None and grant.as_lease().gang == ("GPU-a0", "GPU-a1")
+    with session_scope(fleet.database_url) as s:
+        # And the member sees whose gang holds it; host-4 has 2 devices free now
+        held = gangs.membership(session=s, device_uuid="GPU-a0")
+        assert held is not None and (held.job_id, held.leader) == (job_id, _worker("GPU-a1"))
+        assert gangs.membership(session=s, device_uuid="GPU-a2") is None
+        assert gangs.gang_request(session=s, job_id=job_id) is None  # running now
+        free = gangs.free_fitting_per_host(
+            session=s, gpu_type="any", memory_gb=8, framework="torch"
+        )
+    assert free == {"host-4": 2, "host-2": 2}
