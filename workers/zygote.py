@@ -102,6 +102,14 @@ class ForkedTrainer(TrainerProcess):
         self.control = os.fdopen(control_r, "rb", buffering=0)
         self.output = os.fdopen(out_r, "rb")
 
+    def close(self) -> None:
+        # End of file first: a spare that is not in its process group yet exits on it.
+        stdin = self.proc.stdin
+        if stdin is not None:
+            with contextlib.suppress(OSError):
+                stdin.close()
+        super().close()
+
 
 class Zygote:
     """The fork server of this pool process; ``fork`` starts it, restarts it or replaces it."""

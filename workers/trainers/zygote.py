@@ -108,17 +108,19 @@ class Zygote:
             return
         stdin, output, control, status = fds
         zygote_pid = os.getpid()
+        started_r, started_w = os.pipe()
         try:
             pid = os.fork()
         except OSError as exc:
-            for fd in fds:
+            for fd in (*fds, started_r, started_w):
                 os.close(fd)
             send(self.sock, {"error": f"fork failed: {exc}"})
             return
         if pid == 0:
             code = 1
             try:
-                code = self.become_trainer(message, zygote_pid, stdin, output, control)
+                os.close(started_r)
+                code = self.become_trainer(message, zygote_pid, started_w, fds)
             except BaseException:
                 with contextlib.suppress(Exception):
                     traceback.print_exc()
@@ -129,8 +131,12 @@ class Zygote:
                     with contextlib.suppress(Exception):
                         stream.flush()
                 os._exit(code)
-        for fd in (stdin, output, control):
+        for fd in (stdin, output, control, started_w):
             os.close(fd)
+        # Reply once the child leads its own process group (or died): the worker signals the
+        # group by the child's pid from then on, as it may once ``Popen`` returns.
+        os.read(started_r, 1)
+        os.close(started_r)
         self.children[pid] = status
         send(self.sock, {"pid": pid})
         self.report_exits()  # a child that died at once
@@ -155,11 +161,13 @@ class Zygote:
             self.children[pid] = -1
 
     def become_trainer(
-        self, message: dict[str, Any], zygote_pid: int, stdin: int, output: int, control: int
+        self, message: dict[str, Any], zygote_pid: int, started: int, fds: list[int]
     ) -> int:
         """In the child: become a spare trainer, as a spawned one would be."""
+        stdin, output, control, _ = fds
         bind_to_supervisor(parent=zygote_pid)  # SIGKILL when the zygote dies
         os.setsid()
+        os.write(started, b"s")
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         # The three pipes onto 0, 1/2 and 3 (via fds >= 10, so no target is overwritten first);
