@@ -81,3 +81,22 @@ def report_process(ctx: TrainContext) -> dict[str, Any]:
     }
     print("PROCESS " + json.dumps(facts), flush=True)
     return _result(ctx)
+
+
+def first_step_stamp(ctx: TrainContext) -> dict[str, Any]:
+    """The built-in torch trainer, printing the wall-clock moment of its first step
+    (``bench/warm_start.py``: progress reaches the database only with the next heartbeat)."""
+    from workers.trainers import torch_mlp
+
+    report = ctx.report
+    stamped = False
+
+    def stamping_report(*args: Any, **kwargs: Any) -> None:
+        nonlocal stamped
+        if not stamped:
+            stamped = True
+            print(f"FIRST_STEP_AT {time.time():.6f}", flush=True)
+        report(*args, **kwargs)
+
+    ctx.report = stamping_report  # type: ignore[method-assign]
+    return dict(torch_mlp.train(ctx))
