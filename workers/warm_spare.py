@@ -55,7 +55,7 @@ class WarmSpare:
         if self.trainer is not None and self.framework == framework and self._fresh():
             return
         self.discard()
-        trainer: TrainerProcess | None = self._fork(framework, wait_s=0.0)
+        trainer: TrainerProcess | None = self._fork(framework)
         if trainer is None and not self._importing(framework):
             try:
                 trainer = TrainerProcess.spare(framework)
@@ -71,8 +71,9 @@ class WarmSpare:
         trainer, fits = self.trainer, self.framework == framework
         if trainer is None or not fits or not self._fresh():
             self.discard()
-            # A fork server importing is further along than a cold start would be: wait for it.
-            trainer = self._fork(framework, wait_s=Zygote.READY_TIMEOUT_S)
+            # Never wait here for a fork server still importing: the lease is held, and nothing
+            # renews it until the trainer runs under watch. Start cold instead.
+            trainer = self._fork(framework)
             if trainer is None:
                 return None
         self.trainer = None
@@ -91,15 +92,15 @@ class WarmSpare:
         zygote = self.zygote
         return self._forks(framework) and zygote is not None and zygote.pid is not None
 
-    def _fork(self, framework: str, *, wait_s: float) -> ForkedTrainer | None:
-        """A spare forked from the fork server; None to spawn instead."""
+    def _fork(self, framework: str) -> ForkedTrainer | None:
+        """A spare forked from the fork server; None to spawn instead (no server, or one still
+        importing: never waited for)."""
         if self.zygote is None or not self._forks(framework):
             return None
         try:
-            return ForkedTrainer(self.zygote, framework, wait_s=wait_s)
+            return ForkedTrainer(self.zygote, framework)
         except ZygoteGone as exc:
-            if self.zygote.pid is None or wait_s > 0:
-                log.warning("%s; spawning this trainer", exc)
+            log.info("%s; spawning this trainer", exc)
             return None
         except OSError as exc:
             log.warning("could not fork a spare trainer: %s", exc)

@@ -40,16 +40,21 @@ def shared_spare() -> Iterator[WarmSpare]:
         spare.zygote.stop()
 
 
-@pytest.fixture
-def forking(shared_spare: WarmSpare) -> WarmSpare:
-    """The module's spare, forked from a ready zygote (started again if a test ended it)."""
-    zygote = shared_spare.zygote
+def ready(spare: WarmSpare) -> WarmSpare:
+    """``spare`` forked from a ready zygote (started again if stale or gone)."""
+    zygote = spare.zygote
     assert zygote is not None
     zygote.failures = 0
     zygote.start()
     assert zygote.wait_ready(READY_S)
-    shared_spare.start("torch")
-    return shared_spare
+    spare.start("torch")
+    return spare
+
+
+@pytest.fixture
+def forking(shared_spare: WarmSpare) -> WarmSpare:
+    """The module's spare, forked from a ready zygote."""
+    return ready(shared_spare)
 
 
 @pytest.fixture
@@ -76,6 +81,7 @@ def test_a_forked_trainer_gets_exactly_the_environment_of_a_spawned_one(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-key")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    ready(forking)  # (a zygote of that environment)
     # When one job runs in a trainer spawned cold and one in a trainer forked by the zygote
     spawned = run_probe(allowed, None)
     forked = run_probe(allowed, forking)
@@ -128,7 +134,7 @@ def test_a_forked_spare_runs_the_next_job_and_a_fresh_one_replaces_it(
     assert not os.path.exists(f"/proc/{first}")
 
 
-def test_a_dead_zygote_is_restarted_and_spares_are_spawned_meanwhile(
+def test_a_dead_zygote_falls_back_to_spawning_and_is_restarted(
     allowed: Settings, forking: WarmSpare
 ) -> None:
     zygote = forking.zygote
@@ -137,10 +143,12 @@ def test_a_dead_zygote_is_restarted_and_spares_are_spawned_meanwhile(
     # When the zygote dies (its spare dies with it)
     os.kill(old_zygote, signal.SIGKILL)
     assert old_spare.proc.wait(timeout=30) == -signal.SIGKILL
-    # Then the next job still runs, in a trainer of a new zygote
-    facts = run_probe(allowed, forking)
+    # Then the next job still runs, in a trainer the worker spawns itself (the lease is held:
+    # no waiting for a zygote), and a new zygote is on its way
+    assert run_probe(allowed, forking)["ppid"] == os.getpid()
     assert zygote.pid not in (None, old_zygote)
-    assert facts["ppid"] == zygote.pid
+    # And once it has imported torch, trainers are forked from it again
+    assert run_probe(allowed, ready(forking))["ppid"] == zygote.pid
     # And a zygote that keeps dying is given up: spares are spawned by the worker itself
     zygote.failures = zygote.MAX_FAILURES
     forking.discard()
@@ -157,10 +165,13 @@ def test_a_stale_zygote_is_replaced(
     first = zygote.pid
     # When the worker's environment changes (a trainer would get another one)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    facts = run_probe(allowed, forking)
-    # Then the job ran in a trainer of a new zygote, with the new environment
+    spawned = run_probe(allowed, forking)
+    # Then the job ran at once in a spawned trainer, and the zygote was replaced
+    assert spawned["ppid"] == os.getpid()
     assert zygote.pid not in (None, first)
-    assert facts["ppid"] == zygote.pid and facts["env"]["OMP_NUM_THREADS"] == "1"
+    # and the new one forks trainers with the new environment
+    forked = run_probe(allowed, ready(forking))
+    assert forked["ppid"] == zygote.pid and forked["env"]["OMP_NUM_THREADS"] == "1"
     # And when the trainer code changes on disk, the zygote is replaced again
     second = zygote.pid
     touched = time.time() + 5
@@ -168,7 +179,7 @@ def test_a_stale_zygote_is_replaced(
 
     os.utime(warm.__file__, (touched, touched))
     try:
-        facts = run_probe(allowed, forking)
+        run_probe(allowed, forking)
+        assert zygote.pid not in (None, first, second)
     finally:
         os.utime(warm.__file__, None)
-    assert zygote.pid not in (None, first, second) and facts["ppid"] == zygote.pid
