@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import re
 import socket
+import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -85,6 +86,9 @@ class Settings(BaseSettings):
     db_application_name: str = "gpufleet-api"
     #: keep a trainer started ahead of the next job, its framework imported (workers).
     warm_spare: bool = True
+    #: how a worker starts torch trainers: forked from a fork server that imported torch once
+    #: (``workers.zygote``; Linux only), or spawned as fresh interpreters.
+    trainer_start: Literal["fork", "spawn"] = "fork" if sys.platform == "linux" else "spawn"
     #: how long a worker of a scarce GPU type lets a job that a more plentiful, idle type also
     #: fits wait for that type before it takes the job itself (0: never defer).
     scarce_defer_s: float = Field(default=1.5, ge=0, le=60)

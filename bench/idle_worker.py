@@ -5,8 +5,10 @@
 One ``gpufleet worker`` (one simulated GPU, default intervals) on an embedded PostgreSQL and
 Redis, started twice: ``GPUFLEET_WARM_SPARE=1`` (the default) and ``0``. Once it is ready and
 its spare has imported torch, the bench sums over the worker's process tree (Celery main
-process, pool process, spare trainer) the resident memory (RSS, and PSS, which counts shared
-pages once) and the CPU time used over ``seconds`` of idling, from /proc.
+process, pool process, spare trainer; with ``GPUFLEET_TRAINER_START=fork``, the default, the fork
+server instead, and its forked spare once a job has run) the resident memory (RSS, and PSS,
+which counts pages shared between them once) and the CPU time used over ``seconds`` of idling,
+from /proc.
 """
 
 from __future__ import annotations

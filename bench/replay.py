@@ -188,7 +188,7 @@ def replay(
             time.sleep(max(0.0, start + job.arrival - time.monotonic()))
             ids[fleet.submit(spec(job))] = job
         final = fleet.wait_final(list(ids), timeout=600)
-        bad = {j: f["status"] for j, f in final.items() if f["status"] != "succeeded"}
+        bad = {j: (f["status"], f["error"]) for j, f in final.items() if f["status"] != "succeeded"}
         if bad:
             raise RuntimeError(f"jobs did not succeed: {bad}")
         time.sleep(2.0)  # the last log lines reach the database

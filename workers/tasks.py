@@ -19,7 +19,9 @@ SPARE = WarmSpare()
 
 def start_spare() -> None:
     """Called as the pool process starts, so that even its first job starts warm."""
-    if get_settings().warm_spare:
+    settings = get_settings()
+    if settings.warm_spare:
+        SPARE.configure(settings.trainer_start)
         SPARE.start("torch")
 
 
@@ -34,6 +36,8 @@ def run_job_now(job_id: str) -> str:
     if defer_if_scarce(settings, worker.device_uuid, parsed):
         return "skipped"  # a device of a more plentiful type took it
     spare = SPARE if settings.warm_spare else None
+    if spare is not None:
+        spare.configure(settings.trainer_start)
     outcome = Supervisor(settings, worker, spare=spare).run(parsed)
     if outcome is Outcome.SKIPPED and gang_lease.sit_out(settings, worker, parsed):
         return "sat out"  # another worker's gang holds this device: it took nothing meanwhile

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO, Protocol
 
 from workers.trainers import protocol
 from workers.trainers.lifeline import SUPERVISOR_PID_ENV
@@ -63,8 +64,25 @@ def trainer_environment(
     return env
 
 
+class Process(Protocol):
+    """What a trainer's process offers: a ``Popen``, or a child of the fork server
+    (``workers.zygote.ForkedChild``)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def stdin(self) -> IO[bytes] | None: ...
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
 class TrainerProcess:
     """One trainer run's process: started, asked to stop, signalled as a group."""
+
+    proc: Process
+    control: IO[bytes]
+    output: IO[bytes]
+    environment: dict[str, str]
 
     def __init__(
         self,
@@ -77,7 +95,7 @@ class TrainerProcess:
         self.environment = trainer_environment(os.environ, declared)
         env = {**self.environment, protocol.CONTROL_FD_ENV: str(write_fd)}
         try:
-            self.proc = subprocess.Popen(
+            popen = subprocess.Popen(
                 argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -92,9 +110,10 @@ class TrainerProcess:
             raise
         finally:
             os.close(write_fd)
+        self.proc = popen
         self.control = os.fdopen(read_fd, "rb", buffering=0)
-        assert self.proc.stdout is not None
-        self.output = self.proc.stdout
+        assert popen.stdout is not None
+        self.output = popen.stdout
 
     @classmethod
     def cold(cls, launch_file: Path) -> TrainerProcess:

@@ -63,3 +63,40 @@ def sleep_steps(ctx: TrainContext) -> dict[str, Any]:
         if step % 50 == 0 or step == total:
             ctx.report(step, total, epoch=1, loss=0.0)
     return _result(ctx)
+
+
+def report_process(ctx: TrainContext) -> dict[str, Any]:
+    """Print the process's pid, parent, whole environment and torch's thread count
+    (``tests/integration/test_zygote.py``: a forked trainer is a spawned one's equal)."""
+    import sys
+
+    import torch
+
+    facts = {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "env": dict(os.environ),
+        "threads": torch.get_num_threads(),
+        "preloaded": "torch" in sys.modules,
+    }
+    print("PROCESS " + json.dumps(facts), flush=True)
+    return _result(ctx)
+
+
+def first_step_stamp(ctx: TrainContext) -> dict[str, Any]:
+    """The built-in torch trainer, printing the wall-clock moment of its first step
+    (``bench/warm_start.py``: progress reaches the database only with the next heartbeat)."""
+    from workers.trainers import torch_mlp
+
+    report = ctx.report
+    stamped = False
+
+    def stamping_report(*args: Any, **kwargs: Any) -> None:
+        nonlocal stamped
+        if not stamped:
+            stamped = True
+            print(f"FIRST_STEP_AT {time.time():.6f}", flush=True)
+        report(*args, **kwargs)
+
+    ctx.report = stamping_report  # type: ignore[method-assign]
+    return dict(torch_mlp.train(ctx))
