@@ -508,7 +508,11 @@ def phase(url: str, dsn: str, dbname: str, args: argparse.Namespace, size: int) 
         background(stop, settings.reaper_interval, reap),
         background(stop, args.api_every, read_api),
     ]
-    warm = min(settings.heartbeat_interval, args.seconds / 3)
+    warm = (
+        args.warmup
+        if args.warmup is not None
+        else min(settings.heartbeat_interval, args.seconds / 3)
+    )
     fleet.run(warm)  # every worker claims and heartbeats once before measuring
 
     def commits() -> int:
@@ -640,6 +644,12 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=float, default=60.0)
     parser.add_argument("--job-seconds", type=float, default=120.0)
     parser.add_argument("--api-every", type=float, default=0.5)
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds before measuring (default: one heartbeat interval; a big fleet's claims "
+        "take longer than that on a small machine)",
+    )
     parser.add_argument("--pg", help="host:port of a Postgres to use (superuser postgres)")
     parser.add_argument(
         "--unfolded",
