@@ -12,8 +12,8 @@ submit and get >= 0.8x the baseline, list >= 0.5x.
 Part 2: ``--followers`` SSE followers on the one gpufleet replica, one job each, while a
 writer adds events to their jobs and the load generator submits and reads at concurrency 8:
 submit/get p99 against the same load without followers (target <= 1.5x), the replica's
-database connections (sampled from pg_stat_activity; its pool is 5 + 5 overflow, and one for
-the stream poller is shared), and every follower's events: each once, in order, to the end.
+database connections (sampled from pg_stat_activity; its pool is 10, shared with the stream
+poller), and every follower's events: each once, in order, to the end.
 
 Needs Postgres on 127.0.0.1:5432 (user postgres) and Redis (GPUFLEET_TEST_REDIS or
 redis://127.0.0.1:6379); creates and drops its own databases.
@@ -433,15 +433,16 @@ def main() -> None:
             server("app.api.app:create_app", genv) as (gapi, _),
             server("bench.api_load:baseline_app", benv) as (bapi, _),
         ):
+            concurrencies = [] if args.skip_part1 else args.concurrency
             results = asyncio.run(
-                part1({"baseline": bapi, "gpufleet": gapi}, args.concurrency, args.seconds)
+                part1({"baseline": bapi, "gpufleet": gapi}, concurrencies, args.seconds)
             )
             targets = {"submit": 0.8, "get": 0.8, "list50": 0.5}
             print(
                 f"{'':8} {'c':>3}  {'baseline req/s':>14} {'p99':>8}  "
                 f"{'gpufleet req/s':>14} {'p99':>8}  ratio (target)"
             )
-            for c in [] if args.skip_part1 else args.concurrency:
+            for c in concurrencies:
                 for op in ("submit", "get", "list50"):
                     b, g = results[(op, c, "baseline")], results[(op, c, "gpufleet")]
                     errors = f"  errors b={b[2]} g={g[2]}" if b[2] or g[2] else ""
@@ -465,7 +466,7 @@ def main() -> None:
                 )
                 print(
                     f"peak database connections of the replica: {got['peak_connections']} "
-                    f"(pool 5 + overflow 5)"
+                    f"(its pool: 10)"
                 )
 
 

@@ -90,14 +90,25 @@ def _query_names(dependant: Any) -> set[str]:
     return names
 
 
+#: each route's query parameter names, by its dependant's id (routes live as long as the app).
+_known_names: dict[int, tuple[Any, frozenset[str]]] = {}
+
+
+def _route_query_names(dependant: Any) -> frozenset[str]:
+    cached = _known_names.get(id(dependant))
+    if cached is None or cached[0] is not dependant:
+        cached = _known_names[id(dependant)] = (dependant, frozenset(_query_names(dependant)))
+    return cached[1]
+
+
 async def known_query_only(request: Request) -> None:
     """Refuse query parameters the operation does not have: ``?stauts=queued`` would
     otherwise list every job, silently."""
     route = request.scope.get("route")
     dependant = getattr(route, "dependant", None)
-    if dependant is None:
+    if dependant is None or not request.scope.get("query_string"):
         return
-    known = _query_names(dependant)
+    known = _route_query_names(dependant)
     unknown = sorted(set(request.query_params) - known)
     if unknown:
         offered = ", ".join(sorted(known)) or "none"

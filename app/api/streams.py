@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.25
 #: followers of one replica read their rows at most this many at a time, so a burst of events
 #: for hundreds of followers never takes the worker threads and pooled connections that
-#: requests need (the pool is 5 + 5).
+#: requests need (the pool is 10).
 FETCH_CONCURRENCY = 3
 KEEPALIVE_S = 15.0
 MAX_S = 3600.0
