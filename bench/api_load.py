@@ -284,7 +284,7 @@ def followers_process(
 ) -> None:
     """In a process of its own (so that parsing 500 streams and writing their events does not
     slow the load generator): follow every job, write events to them, report who got all."""
-    os.environ["PGAPPNAME"] = "bench"
+    os.environ["PGAPPNAME"] = os.environ["GPUFLEET_DB_APPLICATION_NAME"] = "bench"
     from sqlalchemy import text
 
     from app.db.events import add_event
@@ -420,13 +420,16 @@ def main() -> None:
     parser.add_argument("--followers", type=int, default=500)
     parser.add_argument("--skip-part1", action="store_true", help="Only the followers part.")
     args = parser.parse_args()
-    os.environ["PGAPPNAME"] = "bench"  # the bench's own connections are not the replica's
+    # The bench's own connections (setup, the followers' writer) are not the replica's.
+    os.environ["PGAPPNAME"] = "bench"
+    os.environ["GPUFLEET_DB_APPLICATION_NAME"] = "bench"
     with database("gpufleet") as (gdb, gurl), database("baseline") as (_, burl):
         genv = {
             "GPUFLEET_DATABASE_URL": gurl,
             "GPUFLEET_BROKER_URL": REDIS,
             "GPUFLEET_API_TOKENS": f"bench:{TOKEN}",
             "PGAPPNAME": "gpufleet-api",
+            "GPUFLEET_DB_APPLICATION_NAME": "gpufleet-api",
         }
         benv = {"BASELINE_DATABASE_URL": burl, "BASELINE_BROKER_URL": REDIS}
         with (

@@ -8,6 +8,7 @@ page does not grow with the number of jobs on it. A stored spec is never validat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -20,6 +21,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import TextClause
 
 from app.db import counters
 from app.db.events import add_event
@@ -484,8 +486,8 @@ def _record(row: Any, devices: _DeviceSizes | None) -> JobRecord:
     )
 
 
-#: the device table as last read, per database URL: (monotonic time, sizes).
-_device_cache: dict[str, tuple[float, _DeviceSizes]] = {}
+#: the device table as last read, per engine (database URL): (monotonic time, sizes).
+_device_cache: dict[Any, tuple[float, _DeviceSizes]] = {}
 
 
 def cached_device_sizes(session: Session, max_age: float) -> _DeviceSizes:
@@ -493,7 +495,7 @@ def cached_device_sizes(session: Session, max_age: float) -> _DeviceSizes:
     Devices register and leave rarely; ``waiting_reason`` may lag them by ``max_age``."""
     if max_age <= 0:
         return device_sizes(session)
-    key = str(session.get_bind().engine.url)
+    key = session.get_bind().engine  # one engine per process and URL (app.db.session)
     now = time.monotonic()
     cached = _device_cache.get(key)
     if cached is None or now - cached[0] > max_age:
@@ -508,17 +510,17 @@ def _records(session: Session, rows: list[Any], device_max_age: float) -> list[J
     return [_record(r, devices) for r in rows]
 
 
+_GET_ONE = text(
+    _SELECT + " WHERE j.id = :id AND (CAST(:tenant AS text) IS NULL OR j.tenant = :tenant)"
+)
+
+
 def get_job(
     *, session: Session, tenant: str | None, job_id: uuid.UUID, device_max_age: float = 0
 ) -> JobRecord:
     """One job (``tenant`` None: any tenant's)."""
     params: dict[str, Any] = {"id": job_id, "tenant": tenant}
-    rows = session.execute(
-        text(
-            _SELECT + " WHERE j.id = :id AND (CAST(:tenant AS text) IS NULL OR j.tenant = :tenant)"
-        ),
-        params,
-    ).all()
+    rows = session.execute(_GET_ONE, params).all()
     if not rows:
         raise JobNotFound(f"job {job_id} not found")
     return _records(session, list(rows), device_max_age)[0]
@@ -528,6 +530,13 @@ def job_view(*, session: Session, tenant: str, job_id: uuid.UUID) -> dict[str, A
     """The job as a plain dict (tests and tools); the API's public shape is built from
     ``get_job``'s record in ``app.api.schemas``."""
     return asdict(get_job(session=session, tenant=tenant, job_id=job_id))
+
+
+@functools.cache
+def _list_statement(where: tuple[str, ...]) -> TextClause:
+    """One statement per page shape (a handful), parsed once."""
+    sql = _SELECT + " WHERE " + " AND ".join(where)
+    return text(sql + " ORDER BY j.created_at DESC, j.id DESC LIMIT :limit")
 
 
 def list_jobs(
@@ -550,9 +559,7 @@ def list_jobs(
     if cursor is not None:
         where.append("(j.created_at, j.id) < (:at, :last_id)")
         params["at"], params["last_id"] = cursor
-    sql = _SELECT + " WHERE " + " AND ".join(where)
-    sql += " ORDER BY j.created_at DESC, j.id DESC LIMIT :limit"
-    rows = list(session.execute(text(sql), params).all())
+    rows = list(session.execute(_list_statement(tuple(where)), params).all())
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = (rows[-1].created_at, rows[-1].id) if more and rows else None
