@@ -146,11 +146,7 @@ async def get_dispatcher(request: Request) -> Dispatcher:
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 
 
-async def any_caller(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None,
-) -> Caller:
-    """Whoever holds a known token, the metrics token included."""
+def _caller(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Caller:
     auth: Auth = request.app.state.auth
     if credentials is None and request.headers.get("authorization"):
         raise ApiError(
@@ -162,8 +158,21 @@ async def any_caller(
     return auth.caller(None if credentials is None else credentials.credentials)
 
 
-async def get_caller(caller: Annotated[Caller, Depends(any_caller)]) -> Caller:
-    """A tenant or an admin."""
+async def any_caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None,
+) -> Caller:
+    """Whoever holds a known token, the metrics token included."""
+    return _caller(request, credentials)
+
+
+async def get_caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None,
+) -> Caller:
+    """A tenant or an admin (one dependency level fewer than through ``any_caller``: every
+    request solves it)."""
+    caller = _caller(request, credentials)
     if caller.metrics_only:
         raise ApiError(403, "forbidden", "the metrics token reads /metrics only")
     return caller
