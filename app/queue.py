@@ -99,6 +99,9 @@ class Dispatcher:
                     RUN_JOB_TASK,
                     args=[str(job_id)],
                     queue=self._queue(name),
+                    # Nothing to declare: the anonymous exchange needs no binding, and Redis
+                    # makes the list on the first push (a declare per send costs entity copies).
+                    declare=[],
                     priority=MAX_PRIORITY - priority,
                     retry=True,
                     retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},

@@ -132,7 +132,42 @@ def spec_hash(spec: JobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-_INSERT = text(
+#: the columns a job select (and a submit's insert) returns, in order. Declared, they let
+#: SQLAlchemy keep a statement's result metadata with its compiled form instead of matching
+#: 24 names on every execution.
+_SELECT_COLUMNS = [
+    "id",
+    "name",
+    "tenant",
+    "status",
+    "spec",
+    "spec_version",
+    "queue",
+    "priority",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "attempts",
+    "max_attempts",
+    "retry_at",
+    "cancel_requested",
+    "progress",
+    "micro_batch",
+    "result",
+    "error",
+    "gpu_peak_memory_bytes",
+    "gpu_util_sum",
+    "gpu_util_samples",
+    "leases",
+    "checkpoint",
+]
+
+
+def _selecting(sql: str) -> TextualSelect:
+    return text(sql).columns(*(column(name) for name in _SELECT_COLUMNS))
+
+
+_INSERT_SQL = text(
     """
     WITH j AS (
         INSERT INTO jobs (id, tenant, name, status, spec, spec_version, queue, priority,
@@ -144,9 +179,15 @@ _INSERT = text(
     e AS (
         INSERT INTO job_events (job_id, seq, kind, data)
         SELECT id, 1, 'submitted', :event_data FROM j)
-    SELECT j.*, '[]'::json AS leases, NULL::json AS checkpoint FROM j
+    SELECT j.id, j.name, j.tenant, j.status, j.spec, j.spec_version, j.queue, j.priority,
+           j.created_at, j.started_at, j.finished_at, j.attempts, j.max_attempts, j.retry_at,
+           j.cancel_requested, j.progress, j.micro_batch, j.result, j.error,
+           j.gpu_peak_memory_bytes, j.gpu_util_sum, j.gpu_util_samples,
+           '[]'::json AS leases, NULL::json AS checkpoint
+      FROM j
     """
 ).bindparams(bindparam("spec", type_=JSONB), bindparam("event_data", type_=JSONB))
+_INSERT = _INSERT_SQL.columns(*(column(name) for name in _SELECT_COLUMNS))
 
 
 def submit_job(
@@ -508,40 +549,6 @@ def _records(session: Session, rows: list[Any], device_max_age: float) -> list[J
     queued = any(r.status == JobStatus.QUEUED.value for r in rows)
     devices = cached_device_sizes(session, device_max_age) if queued else None
     return [_record(r, devices) for r in rows]
-
-
-#: the columns _SELECT returns, in order. Declared, they let SQLAlchemy keep a statement's
-#: result metadata with its compiled form instead of matching 24 names on every execution.
-_SELECT_COLUMNS = [
-    "id",
-    "name",
-    "tenant",
-    "status",
-    "spec",
-    "spec_version",
-    "queue",
-    "priority",
-    "created_at",
-    "started_at",
-    "finished_at",
-    "attempts",
-    "max_attempts",
-    "retry_at",
-    "cancel_requested",
-    "progress",
-    "micro_batch",
-    "result",
-    "error",
-    "gpu_peak_memory_bytes",
-    "gpu_util_sum",
-    "gpu_util_samples",
-    "leases",
-    "checkpoint",
-]
-
-
-def _selecting(sql: str) -> TextualSelect:
-    return text(sql).columns(*(column(name) for name in _SELECT_COLUMNS))
 
 
 _GET_ONE = _selecting(
