@@ -15,6 +15,7 @@ from kombu.entity import Exchange, Queue
 
 from app.domain.routing import split_queues
 from app.domain.spec import MAX_PRIORITY
+from app.sender_transport import sender_transport
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ def direct_queue(name: str) -> Queue:
 def make_sender(settings: Settings) -> Celery:
     app = Celery("gpufleet-sender")
     app.conf.update(celery_config(settings))
+    transport = sender_transport(settings.broker_url)
+    if transport is not None:
+        app.conf.broker_transport = transport
     return app
 
 
@@ -74,6 +78,14 @@ class Dispatcher:
 
     def __init__(self, settings: Settings) -> None:
         self._app = make_sender(settings)
+        #: one kombu Queue per name: a new one per send costs several entity copies.
+        self._queues: dict[str, Queue] = {}
+
+    def _queue(self, name: str) -> Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = direct_queue(name)
+        return queue
 
     def dispatch(self, *, job_id: uuid.UUID, queue: str, priority: int) -> bool:
         """Send the wake-up to the job's stored ``queue``: to each of its queues when it names
@@ -86,7 +98,10 @@ class Dispatcher:
                 self._app.send_task(
                     RUN_JOB_TASK,
                     args=[str(job_id)],
-                    queue=direct_queue(name),
+                    queue=self._queue(name),
+                    # Nothing to declare: the anonymous exchange needs no binding, and Redis
+                    # makes the list on the first push (a declare per send costs entity copies).
+                    declare=[],
                     priority=MAX_PRIORITY - priority,
                     retry=True,
                     retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},

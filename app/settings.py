@@ -80,8 +80,10 @@ class Settings(BaseSettings):
     db_lock_timeout: float = Field(default=10.0, ge=0)
     #: pooled connections per process and engine (0: no pool, a connection per session), and
     #: how many more a burst may open; worker processes default to 1 and 2 (workers/main.py).
-    db_pool_size: int = Field(default=5, ge=0)
-    db_max_overflow: int = Field(default=5, ge=0)
+    #: The API keeps its ten open: an overflow connection is closed when it is given back, so
+    #: steady load past the pool size would open a Postgres backend per request.
+    db_pool_size: int = Field(default=10, ge=0)
+    db_max_overflow: int = Field(default=0, ge=0)
     #: ``application_name`` of every connection, so pg_stat_activity tells the roles apart.
     db_application_name: str = "gpufleet-api"
     #: keep a trainer started ahead of the next job, its framework imported (workers).

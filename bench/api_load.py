@@ -8,12 +8,13 @@ SELECT of 50 rows. "gpufleet": the real API (``create_app``) on its own uvicorn 
 use a fresh database of their own on the same Postgres and the same Redis.
 
 Part 1: requests/s and p99 of submit, get and list of 50, at each concurrency; targets:
-submit and get >= 0.8x the baseline, list >= 0.5x.
+submit and get >= 0.8x the baseline, list >= 0.5x. Beside them, each server's CPU time per
+request (from /proc) and their ratio: the same gap, read without the other processes' noise.
 Part 2: ``--followers`` SSE followers on the one gpufleet replica, one job each, while a
 writer adds events to their jobs and the load generator submits and reads at concurrency 8:
 submit/get p99 against the same load without followers (target <= 1.5x), the replica's
-database connections (sampled from pg_stat_activity; its pool is 5 + 5 overflow, and one for
-the stream poller is shared), and every follower's events: each once, in order, to the end.
+database connections (sampled from pg_stat_activity; its pool is 10, shared with the stream
+poller), and every follower's events: each once, in order, to the end.
 
 Needs Postgres on 127.0.0.1:5432 (user postgres) and Redis (GPUFLEET_TEST_REDIS or
 redis://127.0.0.1:6379); creates and drops its own databases.
@@ -211,6 +212,12 @@ def server(factory: str, env: dict[str, str]) -> Any:
 # ---------------------------------------------------------------- load
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def p99(latencies: list[float]) -> float:
     if len(latencies) < 2:
         return latencies[0] if latencies else float("nan")
@@ -284,7 +291,7 @@ def followers_process(
 ) -> None:
     """In a process of its own (so that parsing 500 streams and writing their events does not
     slow the load generator): follow every job, write events to them, report who got all."""
-    os.environ["PGAPPNAME"] = "bench"
+    os.environ["PGAPPNAME"] = os.environ["GPUFLEET_DB_APPLICATION_NAME"] = "bench"
     from sqlalchemy import text
 
     from app.db.events import add_event
@@ -403,13 +410,21 @@ async def followers_part(
 # ---------------------------------------------------------------- main
 
 
-async def part1(urls: dict[str, str], concurrencies: list[int], seconds: float) -> dict[str, Any]:
-    ids = {name: seed(url, 200) for name, url in urls.items()}
-    results: dict[str, Any] = {}
+async def part1(
+    servers: dict[str, tuple[str, int]], concurrencies: list[int], seconds: float
+) -> dict[Any, Any]:
+    """Each op's requests/s, p99 and errors, and the server's CPU milliseconds per request:
+    on a shared machine the other processes move requests/s from run to run, a server's own
+    CPU per request much less, so the CPU ratio is the steadier reading of the same gap."""
+    ids = {name: seed(url, 200) for name, (url, _) in servers.items()}
+    results: dict[Any, Any] = {}
     for c in concurrencies:
         for op in ("submit", "get", "list50"):
-            for name, url in urls.items():  # interleaved: same machine state for both
-                results[(op, c, name)] = await load(url, c, seconds, requests_for(ids[name])[op])
+            for name, (url, pid) in servers.items():  # interleaved: same machine state for both
+                before = cpu_seconds(pid)
+                rate, tail, errors = await load(url, c, seconds, requests_for(ids[name])[op])
+                per_request = (cpu_seconds(pid) - before) / max(1.0, rate * seconds) * 1000
+                results[(op, c, name)] = (rate, tail, errors, per_request)
     return results
 
 
@@ -420,35 +435,45 @@ def main() -> None:
     parser.add_argument("--followers", type=int, default=500)
     parser.add_argument("--skip-part1", action="store_true", help="Only the followers part.")
     args = parser.parse_args()
-    os.environ["PGAPPNAME"] = "bench"  # the bench's own connections are not the replica's
+    # The bench's own connections (setup, the followers' writer) are not the replica's.
+    os.environ["PGAPPNAME"] = "bench"
+    os.environ["GPUFLEET_DB_APPLICATION_NAME"] = "bench"
     with database("gpufleet") as (gdb, gurl), database("baseline") as (_, burl):
         genv = {
             "GPUFLEET_DATABASE_URL": gurl,
             "GPUFLEET_BROKER_URL": REDIS,
             "GPUFLEET_API_TOKENS": f"bench:{TOKEN}",
             "PGAPPNAME": "gpufleet-api",
+            "GPUFLEET_DB_APPLICATION_NAME": "gpufleet-api",
         }
         benv = {"BASELINE_DATABASE_URL": burl, "BASELINE_BROKER_URL": REDIS}
         with (
-            server("app.api.app:create_app", genv) as (gapi, _),
-            server("bench.api_load:baseline_app", benv) as (bapi, _),
+            server("app.api.app:create_app", genv) as (gapi, gpid),
+            server("bench.api_load:baseline_app", benv) as (bapi, bpid),
         ):
+            concurrencies = [] if args.skip_part1 else args.concurrency
             results = asyncio.run(
-                part1({"baseline": bapi, "gpufleet": gapi}, args.concurrency, args.seconds)
+                part1(
+                    {"baseline": (bapi, bpid), "gpufleet": (gapi, gpid)},
+                    concurrencies,
+                    args.seconds,
+                )
             )
             targets = {"submit": 0.8, "get": 0.8, "list50": 0.5}
             print(
                 f"{'':8} {'c':>3}  {'baseline req/s':>14} {'p99':>8}  "
-                f"{'gpufleet req/s':>14} {'p99':>8}  ratio (target)"
+                f"{'gpufleet req/s':>14} {'p99':>8}  ratio (target)   "
+                "server CPU ms/request b / g (ratio)"
             )
-            for c in [] if args.skip_part1 else args.concurrency:
+            for c in concurrencies:
                 for op in ("submit", "get", "list50"):
                     b, g = results[(op, c, "baseline")], results[(op, c, "gpufleet")]
                     errors = f"  errors b={b[2]} g={g[2]}" if b[2] or g[2] else ""
                     print(
                         f"{op:8} {c:>3}  {b[0]:>14.1f} {b[1] * 1000:>6.0f}ms  "
                         f"{g[0]:>14.1f} {g[1] * 1000:>6.0f}ms  "
-                        f"{g[0] / b[0]:.2f} (>= {targets[op]}){errors}"
+                        f"{g[0] / b[0]:.2f} (>= {targets[op]})   "
+                        f"{b[3]:.2f} / {g[3]:.2f} ({b[3] / g[3]:.2f}){errors}"
                     )
             if args.followers:
                 got = asyncio.run(followers_part(gapi, gdb, gurl, args.followers, args.seconds))
@@ -465,7 +490,7 @@ def main() -> None:
                 )
                 print(
                     f"peak database connections of the replica: {got['peak_connections']} "
-                    f"(pool 5 + overflow 5)"
+                    f"(its pool: 10)"
                 )
 
 

@@ -6,10 +6,11 @@ The OpenAPI document is generated from these, so what it states is what the API 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from app.db.events import EventRow
 from app.db.jobs import JobRecord, LeaseRecord
@@ -132,6 +133,30 @@ class JobOut(_Out):
 class JobPage(_Out):
     jobs: list[JobOut]
     next_cursor: str | None = Field(description="Pass back as cursor for the next page.")
+
+
+@dataclass(frozen=True)
+class _RecordPage:
+    jobs: list[JobRecord]
+    next_cursor: str | None
+
+
+#: JobOut's JSON straight from the db records: JobRecord and its parts have JobOut's fields, in
+#: its order, so pydantic-core writes the same bytes without a model per job and its parts
+#: (tests/unit/test_job_json.py holds the two to byte equality). A list page of 50 spent more
+#: time building JobOut models than reading its rows.
+_JOB = TypeAdapter(JobRecord)
+_PAGE = TypeAdapter(_RecordPage)
+
+
+def job_json(record: JobRecord) -> bytes:
+    """``JobOut.of(record).model_dump_json()``, faster."""
+    return _JOB.dump_json(record)
+
+
+def job_page_json(records: list[JobRecord], next_cursor: str | None) -> bytes:
+    """``JobPage(jobs=[JobOut.of(r) ...], next_cursor=...).model_dump_json()``, faster."""
+    return _PAGE.dump_json(_RecordPage(jobs=records, next_cursor=next_cursor))
 
 
 class EventOut(_Out):

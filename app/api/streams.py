@@ -28,6 +28,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import orjson
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.25
 #: followers of one replica read their rows at most this many at a time, so a burst of events
 #: for hundreds of followers never takes the worker threads and pooled connections that
-#: requests need (the pool is 5 + 5).
+#: requests need (the pool is 10).
 FETCH_CONCURRENCY = 3
 KEEPALIVE_S = 15.0
 MAX_S = 3600.0
@@ -109,9 +110,11 @@ class StreamHub:
         if self._task is not None:
             self._task.cancel()
 
-    def _read(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, job_rows.JobCursor]:
+    def _read(
+        self, known: dict[uuid.UUID, job_rows.JobCursor | None]
+    ) -> dict[uuid.UUID, job_rows.JobCursor]:
         with session_scope(self.database_url) as session:
-            return job_rows.job_cursors(session=session, job_ids=ids)
+            return job_rows.job_cursors(session=session, known=known)
 
     def _read_events(
         self, ranges: dict[uuid.UUID, tuple[int, int]]
@@ -120,13 +123,14 @@ class StreamHub:
             return events_in(session=session, ranges=ranges)
 
     async def _poll(self) -> None:
-        """Each tick: every followed job's counters in one statement, then the new events of
-        every job that has event followers in one more; followers are woken with them."""
+        """Each tick: the counters of every followed job that moved, in one statement, then
+        the new events of those with event followers in one more; their followers are woken
+        with them."""
         while self._watches:
-            ids = list(self._watches)
+            known = {job_id: self._seen.get(job_id) for job_id in self._watches}
             new: dict[uuid.UUID, list[EventRow]] = {}
             try:
-                cursors = await anyio.to_thread.run_sync(self._read, ids)
+                cursors = await anyio.to_thread.run_sync(self._read, known)
                 ranges = {}
                 for job_id, cursor in cursors.items():
                     seen = self._seen.get(job_id)
@@ -226,17 +230,20 @@ async def _stream(
                 yield _sse("reconnect", json.dumps({"cursor": str(after)}))
                 return
             try:
-                await asyncio.wait_for(watch.changed.wait(), timeout=KEEPALIVE_S)
+                async with asyncio.timeout(KEEPALIVE_S):  # no task per wait, as wait_for makes
+                    await watch.changed.wait()
             except TimeoutError:
+                # Idle: see whether the client is still there (an event's own send notices
+                # a closed connection, so a woken follower need not ask).
+                if await request.is_disconnected():
+                    return
                 yield keepalive
-            if await request.is_disconnected():
-                return
     finally:
         hub.unwatch(watch)
 
 
 def _event_json(e: EventRow) -> str:
-    return json.dumps(
+    return orjson.dumps(
         {
             "seq": e.seq,
             "at": e.at.isoformat(),
@@ -245,7 +252,7 @@ def _event_json(e: EventRow) -> str:
             "message": e.message,
             "data": e.data,
         }
-    )
+    ).decode()
 
 
 def _end(status: JobStatus | None, after: int) -> str:

@@ -8,6 +8,7 @@ page does not grow with the number of jobs on it. A stored spec is never validat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -17,9 +18,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import bindparam, column, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.selectable import TextualSelect
 
 from app.db import counters
 from app.db.events import add_event
@@ -130,7 +132,42 @@ def spec_hash(spec: JobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-_INSERT = text(
+#: the columns a job select (and a submit's insert) returns, in order. Declared, they let
+#: SQLAlchemy keep a statement's result metadata with its compiled form instead of matching
+#: 24 names on every execution.
+_SELECT_COLUMNS = [
+    "id",
+    "name",
+    "tenant",
+    "status",
+    "spec",
+    "spec_version",
+    "queue",
+    "priority",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "attempts",
+    "max_attempts",
+    "retry_at",
+    "cancel_requested",
+    "progress",
+    "micro_batch",
+    "result",
+    "error",
+    "gpu_peak_memory_bytes",
+    "gpu_util_sum",
+    "gpu_util_samples",
+    "leases",
+    "checkpoint",
+]
+
+
+def _selecting(sql: str) -> TextualSelect:
+    return text(sql).columns(*(column(name) for name in _SELECT_COLUMNS))
+
+
+_INSERT_SQL = text(
     """
     WITH j AS (
         INSERT INTO jobs (id, tenant, name, status, spec, spec_version, queue, priority,
@@ -142,9 +179,15 @@ _INSERT = text(
     e AS (
         INSERT INTO job_events (job_id, seq, kind, data)
         SELECT id, 1, 'submitted', :event_data FROM j)
-    SELECT j.*, '[]'::json AS leases, NULL::json AS checkpoint FROM j
+    SELECT j.id, j.name, j.tenant, j.status, j.spec, j.spec_version, j.queue, j.priority,
+           j.created_at, j.started_at, j.finished_at, j.attempts, j.max_attempts, j.retry_at,
+           j.cancel_requested, j.progress, j.micro_batch, j.result, j.error,
+           j.gpu_peak_memory_bytes, j.gpu_util_sum, j.gpu_util_samples,
+           '[]'::json AS leases, NULL::json AS checkpoint
+      FROM j
     """
 ).bindparams(bindparam("spec", type_=JSONB), bindparam("event_data", type_=JSONB))
+_INSERT = _INSERT_SQL.columns(*(column(name) for name in _SELECT_COLUMNS))
 
 
 def submit_job(
@@ -484,8 +527,8 @@ def _record(row: Any, devices: _DeviceSizes | None) -> JobRecord:
     )
 
 
-#: the device table as last read, per database URL: (monotonic time, sizes).
-_device_cache: dict[str, tuple[float, _DeviceSizes]] = {}
+#: the device table as last read, per engine (database URL): (monotonic time, sizes).
+_device_cache: dict[Any, tuple[float, _DeviceSizes]] = {}
 
 
 def cached_device_sizes(session: Session, max_age: float) -> _DeviceSizes:
@@ -493,7 +536,7 @@ def cached_device_sizes(session: Session, max_age: float) -> _DeviceSizes:
     Devices register and leave rarely; ``waiting_reason`` may lag them by ``max_age``."""
     if max_age <= 0:
         return device_sizes(session)
-    key = str(session.get_bind().engine.url)
+    key = session.get_bind().engine  # one engine per process and URL (app.db.session)
     now = time.monotonic()
     cached = _device_cache.get(key)
     if cached is None or now - cached[0] > max_age:
@@ -508,17 +551,17 @@ def _records(session: Session, rows: list[Any], device_max_age: float) -> list[J
     return [_record(r, devices) for r in rows]
 
 
+_GET_ONE = _selecting(
+    _SELECT + " WHERE j.id = :id AND (CAST(:tenant AS text) IS NULL OR j.tenant = :tenant)"
+)
+
+
 def get_job(
     *, session: Session, tenant: str | None, job_id: uuid.UUID, device_max_age: float = 0
 ) -> JobRecord:
     """One job (``tenant`` None: any tenant's)."""
     params: dict[str, Any] = {"id": job_id, "tenant": tenant}
-    rows = session.execute(
-        text(
-            _SELECT + " WHERE j.id = :id AND (CAST(:tenant AS text) IS NULL OR j.tenant = :tenant)"
-        ),
-        params,
-    ).all()
+    rows = session.execute(_GET_ONE, params).all()
     if not rows:
         raise JobNotFound(f"job {job_id} not found")
     return _records(session, list(rows), device_max_age)[0]
@@ -528,6 +571,13 @@ def job_view(*, session: Session, tenant: str, job_id: uuid.UUID) -> dict[str, A
     """The job as a plain dict (tests and tools); the API's public shape is built from
     ``get_job``'s record in ``app.api.schemas``."""
     return asdict(get_job(session=session, tenant=tenant, job_id=job_id))
+
+
+@functools.cache
+def _list_statement(where: tuple[str, ...]) -> TextualSelect:
+    """One statement per page shape (a handful), parsed once."""
+    sql = _SELECT + " WHERE " + " AND ".join(where)
+    return _selecting(sql + " ORDER BY j.created_at DESC, j.id DESC LIMIT :limit")
 
 
 def list_jobs(
@@ -550,9 +600,7 @@ def list_jobs(
     if cursor is not None:
         where.append("(j.created_at, j.id) < (:at, :last_id)")
         params["at"], params["last_id"] = cursor
-    sql = _SELECT + " WHERE " + " AND ".join(where)
-    sql += " ORDER BY j.created_at DESC, j.id DESC LIMIT :limit"
-    rows = list(session.execute(text(sql), params).all())
+    rows = list(session.execute(_list_statement(tuple(where)), params).all())
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = (rows[-1].created_at, rows[-1].id) if more and rows else None
@@ -573,10 +621,42 @@ class JobCursor:
     status: JobStatus
 
 
-def job_cursors(*, session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, JobCursor]:
-    """One statement for every followed job of a replica (the stream poller)."""
+_CHANGED_CURSORS = text(
+    """
+    SELECT j.id, j.event_seq, j.log_seq, j.status
+      FROM unnest(CAST(:ids AS uuid[]), CAST(:events AS bigint[]), CAST(:logs AS bigint[]),
+                  CAST(:statuses AS text[])) AS k(id, event_seq, log_seq, status)
+      JOIN jobs j ON j.id = k.id
+     WHERE k.event_seq IS NULL OR j.event_seq <> k.event_seq OR j.log_seq <> k.log_seq
+           OR CAST(j.status AS text) <> k.status
+    """
+)
+
+
+def _array_literal(values: list[Any]) -> str:
+    """A Postgres array literal of uuids, integers or enum words (nothing to quote), to be
+    cast by the statement: for hundreds of values, psycopg's list dumper costs the poller
+    more than the query does."""
+    return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
+
+
+def job_cursors(
+    *, session: Session, known: dict[uuid.UUID, JobCursor | None]
+) -> dict[uuid.UUID, JobCursor]:
+    """The jobs of ``known`` whose cursor is not the one given (None: not read yet), in one
+    statement for every followed job of a replica (the stream poller). The ids go as one
+    array, so the statement's text is the same whatever their number, and only the jobs that
+    moved come back: an idle tick costs a few rows' work, not hundreds."""
+    ids = list(known)
+    cursors = [known[j] for j in ids]
     rows = session.execute(
-        select(Job.id, Job.event_seq, Job.log_seq, Job.status).where(Job.id.in_(job_ids))
+        _CHANGED_CURSORS,
+        {
+            "ids": _array_literal(ids),
+            "events": _array_literal([None if c is None else c.event_seq for c in cursors]),
+            "logs": _array_literal([None if c is None else c.log_seq for c in cursors]),
+            "statuses": _array_literal([None if c is None else c.status.value for c in cursors]),
+        },
     ).all()
     return {
         r.id: JobCursor(event_seq=r.event_seq, log_seq=r.log_seq, status=JobStatus(r.status))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -14,20 +15,45 @@ from app.settings import get_settings
 
 _factories: dict[str, sessionmaker[Session]] = {}
 
+#: a pooled connection idle for longer than this is pinged before use.
+PING_IDLE_S = 1.0
+
 
 def _factory(url: str) -> sessionmaker[Session]:
     factory = _factories.get(url)
     if factory is None:
-        # pre_ping: a worker's pooled connection may have died with a database restart.
         settings = get_settings()
         pool: dict[str, Any] = (
             {"poolclass": NullPool}
             if settings.db_pool_size == 0
             else {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
         )
-        engine = create_engine(url, pool_pre_ping=True, connect_args=_connect_args(url), **pool)
+        engine = create_engine(url, connect_args=_connect_args(url), **pool)
+        _ping_when_idle(engine)
         factory = _factories[url] = sessionmaker(engine, expire_on_commit=False)
     return factory
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection before use when it sat idle for ``PING_IDLE_S``: one that
+    died with a database restart is replaced instead of failing a request. SQLAlchemy's
+    ``pool_pre_ping`` pings before every use, a round trip per API request; a connection
+    in steady use has just shown that it works (and a disconnect it meets invalidates the
+    whole pool)."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < PING_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as err:
+            raise exc.DisconnectionError(f"stale pooled connection: {err}") from err
 
 
 def _connect_args(url: str) -> dict[str, Any]:

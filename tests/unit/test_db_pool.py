@@ -30,7 +30,7 @@ def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[os._Environ[str]]:
 def test_api_default_pool(env: os._Environ[str], tmp_path: Path) -> None:
     pool = engine_for(f"sqlite:///{tmp_path}/api.db").pool
     assert isinstance(pool, QueuePool)
-    assert (pool.size(), pool._max_overflow) == (5, 5)
+    assert (pool.size(), pool._max_overflow) == (10, 0)
 
 
 def test_worker_pool_is_one_plus_small_overflow(env: os._Environ[str], tmp_path: Path) -> None:

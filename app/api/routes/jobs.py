@@ -15,7 +15,6 @@ from typing import Annotated, Any, TypeVar
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from app.api.deps import CallerDep, DispatcherDep, SessionDep, SettingsDep, known_query_only
@@ -30,6 +29,8 @@ from app.api.schemas import (
     LogChunkOut,
     LogPage,
     Validation,
+    job_json,
+    job_page_json,
 )
 from app.api.streams import LOG_PAGE, StreamHub, event_stream, log_stream
 from app.db import jobs as job_rows
@@ -110,10 +111,10 @@ def _resolve(session: Session, scope: str | None, raw: str) -> uuid.UUID:
 DEVICE_MAX_AGE_S = 1.0
 
 
-def _json(model: BaseModel, status: int = 200) -> Response:
-    """The model's JSON, serialized once (FastAPI would validate a returned model again; the
-    declared response_model still documents it)."""
-    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
+def _json_bytes(body: bytes, status: int = 200) -> Response:
+    """JSON serialized once (FastAPI would validate a returned model again; the declared
+    response_model still documents it)."""
+    return Response(body, status_code=status, media_type="application/json")
 
 
 def _job(session: Session, scope: str | None, job_id: uuid.UUID, status: int = 200) -> Response:
@@ -123,7 +124,7 @@ def _job(session: Session, scope: str | None, job_id: uuid.UUID, status: int = 2
         )
     except job_rows.JobNotFound as exc:
         raise ApiError(404, "not_found", str(exc)) from None
-    return _json(JobOut.of(record), status)
+    return _json_bytes(job_json(record), status)
 
 
 _JOB_LINKS = {
@@ -198,7 +199,7 @@ def _submit(
     if submitted.record is None:  # an earlier job, from its Idempotency-Key
         return _job(session, tenant, submitted.job_id, 200)
     dispatcher.dispatch(job_id=submitted.job_id, queue=spec.queue, priority=spec.priority)
-    return _json(JobOut.of(submitted.record), 201)
+    return _json_bytes(job_json(submitted.record), 201)
 
 
 @router.post(
@@ -308,8 +309,7 @@ def list_jobs(
             cursor=_decode_cursor(cursor),
             device_max_age=DEVICE_MAX_AGE_S,
         )
-    page = JobPage(jobs=[JobOut.of(r) for r in records], next_cursor=_encode_cursor(next_cursor))
-    return _json(page)
+    return _json_bytes(job_page_json(records, _encode_cursor(next_cursor)))
 
 
 @router.get(
