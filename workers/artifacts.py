@@ -14,7 +14,7 @@ import stat
 import uuid
 from pathlib import Path
 
-from app.db.artifacts import StoredArtifact
+from app.db.artifacts import StoredArtifact, valid_name
 from app.snapshots import sha256_file
 from app.storage import Store
 
@@ -34,12 +34,14 @@ def collect(output_dir: Path | None, model_path: str | None) -> dict[str, Path]:
             dirs.sort()
             for name in sorted(files):
                 path = Path(root) / name
-                if stat.S_ISREG(path.lstat().st_mode) and len(found) < MAX_ARTIFACTS:
-                    found[path.relative_to(output_dir).as_posix()] = path
+                key = path.relative_to(output_dir).as_posix()
+                regular = stat.S_ISREG(path.lstat().st_mode)
+                if regular and valid_name(key) and len(found) < MAX_ARTIFACTS:
+                    found[key] = path
     if model_path:
         model = Path(model_path)
         inside = output_dir is not None and model.is_relative_to(output_dir)
-        if not inside and model.is_file() and not model.is_symlink():
+        if not inside and model.is_file() and not model.is_symlink() and valid_name(model.name):
             found.setdefault(model.name, model)
     return found
 

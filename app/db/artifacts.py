@@ -3,6 +3,7 @@ success and recorded here (fenced by the lease, like every write of a running jo
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +12,18 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app.db.leases import FENCE
+
+#: an artifact's name: a relative ``/``-separated path with no empty or ``..`` segment, no
+#: control characters or backslashes (the API answers any other with a 404 before a lookup;
+#: the worker does not upload a file whose name would not fit).
+_CHAR, _FIRST = r"[^/\x00-\x1f\\]", r"[^/.\x00-\x1f\\]"
+_SEGMENT = rf"(?:{_FIRST}{_CHAR}*|\.{_FIRST}{_CHAR}*|\.\.{_CHAR}+|\.)"
+NAME_PATTERN = rf"^{_SEGMENT}(?:/{_SEGMENT})*$"
+MAX_NAME = 1000
+
+
+def valid_name(name: str) -> bool:
+    return len(name) <= MAX_NAME and re.fullmatch(NAME_PATTERN, name) is not None
 
 
 @dataclass(frozen=True)

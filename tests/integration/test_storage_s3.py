@@ -39,7 +39,7 @@ def s3_endpoint() -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # moto imports a lot: slow on a loaded machine
         while True:
             try:
                 httpx.get(url, timeout=1)

@@ -22,15 +22,15 @@ from app.storage import open_store
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 
-#: the most characters an artifact name has (a path under the output directory).
-MAX_NAME = 1000
 
 ArtifactNamePath = Annotated[
     str,
     Path(
         min_length=1,
-        max_length=MAX_NAME,
-        description="The artifact's name: its path under the job's output directory.",
+        max_length=artifact_rows.MAX_NAME,
+        description="The artifact's name: its path under the job's output directory "
+        "('/'-separated). No artifact has a name with '..', an empty part or a control "
+        "character: such a name is a 404 before any lookup.",
     ),
 ]
 
@@ -43,18 +43,6 @@ class ArtifactOut(BaseModel):
 
 class ArtifactList(BaseModel):
     artifacts: list[ArtifactOut]
-
-
-def check_name(name: str) -> str:
-    """A 422 for a name that could not be an artifact's (``..``, absolute, control chars)."""
-    parts = name.split("/")
-    if name.startswith("/") or ".." in parts or "\\" in name or "" in parts:
-        raise ApiError(
-            422, "invalid_request", f"invalid artifact name {name!r}: a relative path, no '..'"
-        )
-    if any(ord(c) < 32 for c in name):
-        raise ApiError(422, "invalid_request", "invalid artifact name: control characters")
-    return name
 
 
 def _listed(settings: Settings, scope: str | None, job_id: str) -> ArtifactList:
@@ -109,7 +97,10 @@ async def get_artifact(
     job_id: JobIdPath, name: ArtifactNamePath, settings: SettingsDep, caller: CallerDep
 ) -> StreamingResponse:
     """Stream one artifact from the store."""
-    check_name(name)
+    if not artifact_rows.valid_name(name):
+        raise ApiError(
+            404, "not_found", f"no artifact is named {name!r}: a relative path, no '..' part"
+        )
     found = await anyio.to_thread.run_sync(_found, settings, caller.scope, job_id, name)
     chunks = open_store(settings).read_chunks(found.storage_key)
     try:
