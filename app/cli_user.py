@@ -326,6 +326,38 @@ def register(cli: typer.Typer) -> None:
             raise _fail(exc) from None
 
     @cli.command()
+    def artifacts(
+        job_id: JobId,
+        download: Annotated[
+            Path | None,
+            typer.Option(help="Download them into this directory (sha256 checked).", metavar="DIR"),
+        ] = None,
+        as_json: AsJson = False,
+    ) -> None:
+        """List what a succeeded job left in its output directory; --download fetches it."""
+        client = _client()
+        try:
+            rows = client.artifacts(job_id)
+            if download is not None:
+                root = download.resolve()
+                for row in rows:
+                    dest = (root / row["name"]).resolve()
+                    if not dest.is_relative_to(root):
+                        raise ClientError(f"refusing artifact name {row['name']!r}")
+                    client.download_artifact(job_id, row, dest)
+                    row["path"] = str(dest)
+        except ClientError as exc:
+            raise _fail(exc) from None
+        if as_json:
+            _json(rows)
+            return
+        table = Table("name", "size", "sha256", *(["saved to"] if download else []))
+        for row in rows:
+            extra = [row["path"]] if download else []
+            table.add_row(row["name"], str(row["size"]), row["sha256"], *extra)
+        console.print(table)
+
+    @cli.command()
     def devices(as_json: AsJson = False) -> None:
         """The fleet's GPUs."""
         try:

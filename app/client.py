@@ -13,7 +13,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from tenacity import (
@@ -186,6 +188,41 @@ class Client:
             cursor = page["next_cursor"]
             if cursor is None:
                 return "".join(parts)
+
+    def artifacts(self, job_id: str) -> list[dict[str, Any]]:
+        listed: list[dict[str, Any]] = self._call("GET", f"/v1/jobs/{job_id}/artifacts")[
+            "artifacts"
+        ]
+        return listed
+
+    def download_artifact(self, job_id: str, artifact: dict[str, Any], dest: Path) -> None:
+        """Stream an artifact (a row of :meth:`artifacts`) to ``dest``, whole or not at all;
+        ClientError if its bytes do not have the recorded sha256."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(f".{dest.name}.part")
+        digest = hashlib.sha256()
+        path = f"/v1/jobs/{job_id}/artifacts/{quote(artifact['name'])}"
+        try:
+            with self._http.stream("GET", path) as response, part.open("wb") as out:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ClientError(f"{response.status_code}: {_message(response)}")
+                for chunk in response.iter_bytes():
+                    digest.update(chunk)
+                    out.write(chunk)
+        except httpx.TransportError as exc:
+            part.unlink(missing_ok=True)
+            raise ClientError(f"cannot reach the API at {self.base_url}: {exc}") from None
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        if digest.hexdigest() != artifact["sha256"]:
+            part.unlink(missing_ok=True)
+            raise ClientError(
+                f"{artifact['name']}: downloaded sha256 {digest.hexdigest()}, "
+                f"recorded {artifact['sha256']}"
+            )
+        part.replace(dest)
 
     def devices(self) -> list[dict[str, Any]]:
         devices: list[dict[str, Any]] = self._call("GET", "/v1/devices")["devices"]

@@ -1,4 +1,4 @@
-"""Where blobs that must outlive a host go (code snapshots; checkpoints and artifacts to come):
+"""Where blobs that must outlive a host go (code snapshots, checkpoints, artifacts):
 a local directory for one host, or an S3-compatible object store for a fleet.
 
 ``GPUFLEET_STORAGE_URL`` picks it: blank or ``file:///path`` is a directory (default
@@ -10,9 +10,11 @@ open a store: a job's own process never gets its credentials.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
@@ -35,6 +37,13 @@ class Store(Protocol):
 
     def size(self, key: str) -> int | None:
         """The stored size, or None if there is no such key."""
+
+    def read_chunks(self, key: str) -> Iterator[bytes]:
+        """The stored bytes, a chunk at a time; FileNotFoundError (at the first chunk) if
+        there is no such key."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; no error if there is none."""
 
 
 class LocalStore:
@@ -71,6 +80,14 @@ class LocalStore:
             return self._path(key).stat().st_size
         except FileNotFoundError:
             return None
+
+    def read_chunks(self, key: str) -> Iterator[bytes]:
+        with self._path(key).open("rb") as src:
+            while chunk := src.read(CHUNK):
+                yield chunk
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
 
 class S3Store:
@@ -111,6 +128,23 @@ class S3Store:
             raise
         return int(head["ContentLength"])
 
+    def read_chunks(self, key: str) -> Iterator[bytes]:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        except ClientError as exc:
+            if _not_found(exc):
+                raise FileNotFoundError(key) from None
+            raise
+        try:
+            yield from body.iter_chunks(CHUNK)
+        finally:
+            body.close()
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
 
 def _not_found(exc: Any) -> bool:
     code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -126,14 +160,33 @@ def open_store(settings: Settings) -> Store:
     if parsed.scheme == "file":
         return LocalStore(Path(parsed.path))
     assert parsed.scheme == "s3", "GPUFLEET_STORAGE_URL is checked by Settings"
-    import boto3
-
-    secret = settings.s3_secret_access_key.get_secret_value()
-    client = boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint_url or None,
-        region_name=settings.s3_region or None,
-        aws_access_key_id=settings.s3_access_key_id or None,
-        aws_secret_access_key=secret or None,
+    client = _s3_client(
+        settings.s3_endpoint_url or None,
+        settings.s3_region or None,
+        settings.s3_access_key_id or None,
+        settings.s3_secret_access_key.get_secret_value() or None,
     )
     return S3Store(parsed.netloc, parsed.path, client)
+
+
+def is_remote(settings: Settings) -> bool:
+    """Whether ``GPUFLEET_STORAGE_URL`` names a store (then checkpoints go there too); blank
+    is the default local directory, and checkpoints stay where the trainer wrote them."""
+    return bool(settings.storage_url.strip())
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_client(
+    endpoint: str | None, region: str | None, key_id: str | None, secret: str | None
+) -> Any:
+    """One boto3 client per process and configuration: making one costs ~50 ms, and a client
+    is safe to share between threads."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region,
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+    )

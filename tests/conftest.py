@@ -267,6 +267,7 @@ def settings(db_url: str, redis_url: str, tmp_path: Path) -> Settings:
         broker_url=redis_url,
         checkpoint_root=tmp_path / "checkpoints",
         data_root=tmp_path / "data",
+        storage_root=tmp_path / "storage",
         lease_ttl=3,
         heartbeat_interval=0.5,
         reaper_interval=0.5,

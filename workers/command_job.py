@@ -100,6 +100,19 @@ def fetch_snapshot(store: Store, key: str, snapshot_id: str, workdir: Path) -> N
     archive.unlink()
 
 
+def unpack_snapshot(snapshot: Callable[[Path], None], workdir: Path) -> TrainerRun | None:
+    """Put the job's snapshot in ``workdir``; the failed run if it could not be."""
+    try:
+        snapshot(workdir)
+    except SnapshotMissing as exc:
+        return _failed("user_error", str(exc))
+    except UnsafeArchive as exc:
+        return _failed("user_error", f"snapshot refused: {exc}")
+    except OSError as exc:  # the store, the disk, or a download that does not match
+        return _failed("infra", f"could not fetch the snapshot: {exc}")
+    return None
+
+
 def not_started(argv0: str, exc: OSError) -> TrainerRun:
     """The run of a command that could not be started: the user's error."""
     return _failed("user_error", f"cannot run the command {argv0!r}: {exc.strerror or exc}")
@@ -146,15 +159,8 @@ def run(
     workdir.mkdir(parents=True, exist_ok=True)
     if launch.output_dir is not None:
         launch.output_dir.mkdir(parents=True, exist_ok=True)
-    if snapshot is not None:
-        try:
-            snapshot(workdir)
-        except SnapshotMissing as exc:
-            return _failed("user_error", str(exc))
-        except UnsafeArchive as exc:
-            return _failed("user_error", f"snapshot refused: {exc}")
-        except OSError as exc:  # the store, the disk, or a download that does not match
-            return _failed("infra", f"could not fetch the snapshot: {exc}")
+    if snapshot is not None and (refused := unpack_snapshot(snapshot, workdir)) is not None:
+        return refused
     try:
         trainer = start(launch, launch_file, workdir)
     except OSError as exc:

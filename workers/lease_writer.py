@@ -25,6 +25,8 @@ import tenacity
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from app.db import artifacts as artifact_rows
+from app.db import checkpoints as checkpoint_rows
 from app.db import leases
 from app.db.logs import append_log
 from app.db.session import session_scope
@@ -145,15 +147,41 @@ class LeaseWriter:
                 what="progress",
             )
 
-    def checkpoint(self, *, step: int, path: str, keep: int) -> list[str]:
+    def checkpoint(
+        self,
+        *,
+        step: int,
+        path: str,
+        keep: int,
+        sha256: str | None = None,
+        size: int | None = None,
+        storage_key: str | None = None,
+    ) -> list[str]:
         """Record a checkpoint; returns the paths now beyond the last ``keep``."""
         stale = self._relay(
             lambda s: leases.record_checkpoint(
-                session=s, job_id=self.job_id, epoch=self.epoch, step=step, path=path, keep=keep
+                session=s,
+                job_id=self.job_id,
+                epoch=self.epoch,
+                step=step,
+                path=path,
+                keep=keep,
+                sha256=sha256,
+                size=size,
+                storage_key=storage_key,
             ),
             what="checkpoint",
         )
         return stale or []
+
+    def artifacts(self, stored: list[artifact_rows.StoredArtifact], *, budget: float) -> bool:
+        """Record the uploaded artifacts before the job's success. False if the lease is gone."""
+        return self._durable(
+            lambda s: artifact_rows.record(
+                session=s, job_id=self.job_id, epoch=self.epoch, artifacts=stored
+            ),
+            budget=budget,
+        )
 
     def event(self, kind: EventKind, message: str, data: dict[str, Any]) -> None:
         self._relay(
@@ -185,6 +213,9 @@ class LeaseWriter:
 
     def checkpoints(self) -> list[str]:
         return self._db(lambda s: leases.checkpoint_paths(session=s, job_id=self.job_id))
+
+    def recorded_checkpoints(self) -> list[checkpoint_rows.RecordedCheckpoint]:
+        return self._db(lambda s: checkpoint_rows.recorded(session=s, job_id=self.job_id))
 
     # -- the end of a run ------------------------------------------------------------------
 

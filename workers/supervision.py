@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import signal
 import time
 import uuid
@@ -31,6 +30,7 @@ from app.domain.states import EventKind
 from app.domain.stopping import StopReason
 from app.queue import cancel_channel
 from workers import drain
+from workers.checkpoint_sync import CheckpointSync
 from workers.lease_writer import LeaseWriter
 from workers.trainers import protocol
 from workers.watchdog import Deadline, retry_delay
@@ -227,9 +227,10 @@ class Relay:
     """Reads the trainer's control messages and writes what they say, fenced. It keeps only
     what decides the run's end (the result or the failure), not the messages themselves."""
 
-    def __init__(self, writer: LeaseWriter, *, checkpoints_keep: int) -> None:
+    def __init__(self, writer: LeaseWriter, checkpoints: CheckpointSync) -> None:
         self.writer = writer
-        self.checkpoints_keep = checkpoints_keep
+        #: uploads and records each checkpoint in the background (``workers.checkpoint_sync``).
+        self.checkpoints = checkpoints
         self.partial = b""
         self.result: protocol.Result | None = None
         self.failure: protocol.Failure | None = None
@@ -254,8 +255,7 @@ class Relay:
         if isinstance(msg, protocol.Progress):
             w.progress(msg.model_dump(exclude={"type"}))
         elif isinstance(msg, protocol.CheckpointSaved):
-            for path in w.checkpoint(step=msg.step, path=msg.path, keep=self.checkpoints_keep):
-                remove_checkpoint(Path(path))
+            self.checkpoints.submit(msg.step, msg.path)
         elif isinstance(msg, protocol.CheckpointSkipped):
             w.event(EventKind.CHECKPOINT_SKIPPED, f"{msg.path}: {msg.reason}", _data(msg))
         elif isinstance(msg, protocol.Resumed):
@@ -271,11 +271,3 @@ class Relay:
 def _data(msg: Any) -> dict[str, Any]:
     data: dict[str, Any] = msg.model_dump(exclude={"type"})
     return data
-
-
-def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint beyond the last N (a file, or a directory for TensorFlow)."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

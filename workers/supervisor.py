@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app import snapshots
 from app.db import devices as device_rows
 from app.db import leases, owners
+from app.db.artifacts import StoredArtifact
 from app.db.session import session_scope
 from app.domain import outcome as decision
 from app.domain.retry import accumulation_for, infra_backoff
@@ -33,8 +34,9 @@ from app.domain.spec import JobSpec
 from app.domain.states import ErrorKind, JobStatus, LeaseOutcome
 from app.domain.stopping import StopReason
 from app.settings import Settings
-from app.storage import open_store
-from workers import command_job, gang_lease
+from app.storage import Store, is_remote, open_store
+from workers import artifacts, command_job, gang_lease
+from workers.checkpoint_sync import prepare_resume
 from workers.gang import GangProcess, leader_first
 from workers.handoff import Handoff
 from workers.identity import WorkerIdentity
@@ -45,6 +47,10 @@ from workers.warm_spare import WarmSpare
 from workers.watch import TrainerRun, WatchSettings, watch
 
 log = logging.getLogger(__name__)
+
+
+#: a command job's ``GPUFLEET_OUTPUT_DIR``, under its checkpoint directory.
+OUTPUT_DIR = "output"
 
 
 class Outcome(StrEnum):
@@ -139,12 +145,13 @@ class Supervisor:
             return self._apply(
                 decision.Fail(ErrorKind.USER_ERROR, f"invalid spec: {exc}"), grant, writer, None
             )
-        if spec.command is not None and not self.settings.command_jobs:
+        user_code = spec.command is not None or spec.snapshot is not None
+        if user_code and not self.settings.command_jobs:
             refused = "this worker does not run command jobs (GPUFLEET_COMMAND_JOBS is off)"
             return self._apply(decision.Fail(ErrorKind.USER_ERROR, refused), grant, writer, spec)
         batch = spec.training.batch_size
         micro = min(grant.micro_batch or batch, batch)
-        checkpoints = grant.checkpoints
+        checkpoints = self._resume_points(grant, writer) if grant.checkpoints else []
         started_at = time.monotonic()
         while True:
             run = self._run_trainer(grant, spec, micro, checkpoints, writer, started_at)
@@ -175,7 +182,24 @@ class Supervisor:
                 accumulation_for(batch, end.micro_batch),
             )
             micro = end.micro_batch
-            checkpoints = writer.checkpoints()
+            checkpoints = self._resume_points(grant, writer)
+
+    def _checkpoint_dir(self, job_id: uuid.UUID) -> Path:
+        return (self.settings.checkpoint_root / str(job_id)).resolve()
+
+    def _checkpoint_store(self) -> Store | None:
+        """Where checkpoints are uploaded: the store ``GPUFLEET_STORAGE_URL`` names, if any."""
+        return open_store(self.settings) if is_remote(self.settings) else None
+
+    def _resume_points(self, grant: leases.LeaseGrant, writer: LeaseWriter) -> list[str]:
+        """The recorded checkpoints to resume from, checked, downloaded here if need be."""
+        paths = prepare_resume(
+            writer.recorded_checkpoints(),
+            self._checkpoint_dir(grant.job_id),
+            self._checkpoint_store(),
+            writer,
+        )
+        return [str(p) for p in paths]
 
     def _apply(
         self,
@@ -191,6 +215,18 @@ class Supervisor:
             return Outcome.LEASE_LOST
         if isinstance(end, decision.Succeed):
             assert run is not None and run.result is not None
+            try:
+                stored = self._upload_artifacts(grant, run.result.model_path)
+            except Exception as exc:  # the store or the disk: the job's work is not lost yet
+                message = f"could not upload the artifacts: {exc}"
+                return self._apply(
+                    decision.Requeue(message, counted=True, immediate=False),
+                    grant,
+                    writer,
+                    spec,
+                )
+            if stored and not writer.artifacts(stored, budget=budget):
+                return Outcome.LEASE_LOST
             result = run.result.model_dump(exclude={"type"})
             done = writer.finish(LeaseOutcome.SUCCEEDED, result=result, budget=budget)
             return Outcome.SUCCEEDED if done else Outcome.LEASE_LOST
@@ -229,6 +265,16 @@ class Supervisor:
             )
         return Outcome.REQUEUED
 
+    def _upload_artifacts(
+        self, grant: leases.LeaseGrant, model_path: str | None
+    ) -> list[StoredArtifact]:
+        """Upload what the job left in its output directory, and a built-in's model."""
+        output_dir = self._checkpoint_dir(grant.job_id) / OUTPUT_DIR
+        files = artifacts.collect(output_dir, model_path)
+        if not files:
+            return []
+        return artifacts.upload(open_store(self.settings), grant.job_id, grant.epoch, files)
+
     def _mark_device_suspect(self, grant: leases.LeaseGrant, failure: str) -> None:
         """The trainer died of what looks like a fault of this GPU: no job starts on it until
         its keeper's health check passes (``workers.claim.DeviceKeeper``)."""
@@ -263,6 +309,7 @@ class Supervisor:
             broker_url=self.settings.broker_url,
             max_runtime_s=spec.max_runtime,
             lease_started_at=lease_started_at,
+            store=self._checkpoint_store(),
         )
         with tempfile.TemporaryDirectory(prefix="gpufleet-") as tmp:
             launch_file = self._launch(grant, spec, micro, checkpoints, Path(tmp))
@@ -275,6 +322,14 @@ class Supervisor:
                 ranks = leader_first(grant.gang, self.identity.device_uuid)
                 gang = GangProcess.start(launch_file, ranks, real_gpus=self.identity.cuda)
                 return watch(gang, writer, cfg)
+            snapshot = self._snapshot(grant, spec)
+            if snapshot is not None:  # an entrypoint in the job's own code: a cold start
+                workdir = Path(tmp) / "work"
+                workdir.mkdir()
+                refused = command_job.unpack_snapshot(snapshot, workdir)
+                if refused is not None:
+                    return refused
+                return watch(TrainerProcess.cold(launch_file, code=workdir), writer, cfg)
             warm = self.spare and self.spare.take(_framework(grant.spec), launch_file)
             return watch(warm or TrainerProcess.cold(launch_file), writer, cfg)
 
@@ -300,7 +355,7 @@ class Supervisor:
             epoch=grant.epoch,
             attempt=grant.attempt,
             spec=spec,
-            checkpoint_dir=(self.settings.checkpoint_root / str(grant.job_id)).resolve(),
+            checkpoint_dir=self._checkpoint_dir(grant.job_id),
             resume_from=[Path(p) for p in checkpoints],
             micro_batch=micro,
             data_root=self.settings.data_root.resolve(),
@@ -309,7 +364,7 @@ class Supervisor:
             entrypoint_prefixes=self.settings.entrypoint_prefixes,
         )
         if spec.command is not None:
-            launch = launch.model_copy(update={"output_dir": launch.checkpoint_dir / "output"})
+            launch = launch.model_copy(update={"output_dir": launch.checkpoint_dir / OUTPUT_DIR})
         launch.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = tmp / "launch.json"
         launch.dump(path)

@@ -116,9 +116,15 @@ class TrainerProcess:
         self.output = popen.stdout
 
     @classmethod
-    def cold(cls, launch_file: Path) -> TrainerProcess:
-        """A trainer for ``launch_file`` in a fresh interpreter (imports and all)."""
-        return cls([sys.executable, "-m", "workers.trainers.main", str(launch_file)])
+    def cold(cls, launch_file: Path, *, code: Path | None = None) -> TrainerProcess:
+        """A trainer for ``launch_file`` in a fresh interpreter (imports and all); ``code`` (the
+        job's unpacked snapshot) goes on its ``PYTHONPATH`` and is its working directory."""
+        argv = [sys.executable, "-m", "workers.trainers.main", str(launch_file)]
+        if code is None:
+            return cls(argv)
+        inherited = os.environ.get("PYTHONPATH", "")
+        path = os.pathsep.join(p for p in (str(code), inherited) if p)
+        return cls(argv, cwd=code, declared={"PYTHONPATH": path})
 
     @classmethod
     def spare(cls, framework: str) -> TrainerProcess:

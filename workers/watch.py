@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.domain.stopping import StopReason, StopReasons
+from app.storage import Store
+from workers.checkpoint_sync import CheckpointSync
 from workers.lease_writer import LeaseLost, LeaseWriter
 from workers.supervision import (
     CancelWakeup,
@@ -52,6 +54,8 @@ class WatchSettings:
     #: the job's max_runtime, and when (time.monotonic) this attempt's lease was won.
     max_runtime_s: float | None
     lease_started_at: float
+    #: where checkpoints are uploaded (``workers.checkpoint_sync``); None: they stay here.
+    store: Store | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,8 @@ def watch(trainer: Trainer, writer: LeaseWriter, cfg: WatchSettings) -> TrainerR
     cancel = CancelWakeup(cfg.broker_url, writer.job_id)
     escalation = StopEscalation(trainer)
     shipper = OutputShipper(writer)
-    relay = Relay(writer, checkpoints_keep=cfg.checkpoints_keep)
+    sync = CheckpointSync(writer, cfg.store, keep=cfg.checkpoints_keep)
+    relay = Relay(writer, sync)
     streams: dict[int, Feed] = {
         trainer.control.fileno(): relay.feed,
         trainer.output.fileno(): shipper.feed,
@@ -100,6 +105,7 @@ def watch(trainer: Trainer, writer: LeaseWriter, cfg: WatchSettings) -> TrainerR
             if time.monotonic() < min(next_check, heartbeat.next_at):
                 continue
             next_check = time.monotonic() + CHECK_S
+            sync.check()
             shipper.tick()
             if cancel.rang():
                 heartbeat.due_now()
@@ -114,12 +120,14 @@ def watch(trainer: Trainer, writer: LeaseWriter, cfg: WatchSettings) -> TrainerR
         while sel.get_map() and time.monotonic() < until:
             _read(sel, streams, timeout=until - time.monotonic())
         shipper.flush()
+        _finish_uploads(sync, heartbeat)
     except LeaseLost as exc:
         log.warning("%s: lease lost (%s); killing the trainer", writer.tag, exc)
         stops.observe(StopReason.LEASE_LOST)
     finally:
         deadline.stop()
         deadline.join()
+        sync.close()
         sel.close()
         cancel.close()
         exit_code = trainer.kill()
@@ -133,6 +141,15 @@ def watch(trainer: Trainer, writer: LeaseWriter, cfg: WatchSettings) -> TrainerR
         stop=stops.winner,
         output_tail=shipper.tail.decode(errors="replace"),
     )
+
+
+def _finish_uploads(sync: CheckpointSync, heartbeat: Heartbeat) -> None:
+    """Wait for the checkpoints still uploading (the run's end must see them recorded),
+    renewing the lease meanwhile; LeaseLost if a record was refused."""
+    while sync.pending():
+        sync.wait(timeout=min(heartbeat.seconds_left(), TICK_S))
+        heartbeat.tick()
+    sync.check()
 
 
 def _read(sel: selectors.BaseSelector, streams: dict[int, Feed], *, timeout: float) -> None:

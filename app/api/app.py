@@ -16,7 +16,7 @@ from psycopg.types.json import set_json_loads
 from app.api import errors
 from app.api.deps import Auth
 from app.api.metrics import make_registry
-from app.api.routes import fleet, jobs, ops, snapshots
+from app.api.routes import artifacts, fleet, jobs, ops, snapshots
 from app.api.streams import StreamHub
 from app.queue import Dispatcher
 from app.settings import Settings, SettingsError, get_settings
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(ops.router)
     app.include_router(jobs.router)
+    app.include_router(artifacts.router)
     app.include_router(fleet.router)
     if settings.command_jobs:  # snapshots exist for command jobs only
         app.include_router(snapshots.router)

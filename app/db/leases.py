@@ -227,19 +227,39 @@ def record_progress(
 
 
 def record_checkpoint(
-    *, session: Session, job_id: uuid.UUID, epoch: int, step: int, path: str, keep: int
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    epoch: int,
+    step: int,
+    path: str,
+    keep: int,
+    sha256: str | None = None,
+    size: int | None = None,
+    storage_key: str | None = None,
 ) -> list[str] | None:
-    """Record a checkpoint the trainer wrote. Returns the paths now beyond the last ``keep``
-    (for the caller to delete), or None if the lease is gone (the file must not be used)."""
+    """Record a checkpoint the trainer wrote (and, with ``storage_key``, that is in the store).
+    Returns the paths now beyond the last ``keep`` (for the caller to delete), or None if the
+    lease is gone (the file must not be used)."""
     inserted = session.scalar(
         text(
             f"""
-            INSERT INTO checkpoints (job_id, epoch, step, path, saved_at)
-            SELECT :job_id, :epoch, :step, :path, now() FROM jobs j WHERE {FENCE}
+            INSERT INTO checkpoints (job_id, epoch, step, path, saved_at, sha256, size,
+                                     storage_key)
+            SELECT :job_id, :epoch, :step, :path, now(), :sha256, :size, :key
+              FROM jobs j WHERE {FENCE}
             RETURNING id
             """
         ),
-        {"job_id": job_id, "epoch": epoch, "step": step, "path": path},
+        {
+            "job_id": job_id,
+            "epoch": epoch,
+            "step": step,
+            "path": path,
+            "sha256": sha256,
+            "size": size,
+            "key": storage_key,
+        },
     )
     if inserted is None:
         return None

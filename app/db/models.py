@@ -189,8 +189,31 @@ class Checkpoint(Base):
     step: Mapped[int] = mapped_column(BigInteger)
     path: Mapped[str] = mapped_column(Text)
     saved_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+    #: the file's sha256 and size, and its key in the store once uploaded there (None: the
+    #: checkpoint stays on the host that wrote it).
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    storage_key: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_checkpoints_job_step", "job_id", "step"),)
+
+
+class Artifact(Base):
+    """A file a job left in its output directory, uploaded to the store at its success."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    #: a relative, ``/``-separated path under the output directory.
+    name: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+
+    __table_args__ = (UniqueConstraint("job_id", "name"),)
 
 
 class JobEvent(Base):

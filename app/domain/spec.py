@@ -314,7 +314,8 @@ class JobSpec(_Strict):
     snapshot: str | None = Field(
         default=None,
         description="A code snapshot of yours (POST /v1/snapshots): unpacked as the command's "
-        "working directory.",
+        "working directory, or put on PYTHONPATH for an entrypoint (which may then name any "
+        "module of it).",
         pattern=r"^[0-9a-f]{64}$",
     )
     env: dict[EnvName, EnvValue] = Field(
@@ -377,8 +378,8 @@ class JobSpec(_Strict):
             )
         if self.env:
             raise ValueError("'env' is for command jobs only")
-        if self.snapshot is not None:
-            raise ValueError("'snapshot' is for command jobs only")
+        if self.snapshot is not None and self.entrypoint is None:
+            raise ValueError("'snapshot' is for command and entrypoint jobs only")
         return self
 
     @property
@@ -406,12 +407,14 @@ def check_policy(
 ) -> None:
     """Deployment rules a spec must pass at submit: allowed entrypoints, fault injection,
     command jobs."""
-    if spec.command is not None and not command_jobs:
+    if (spec.command is not None or spec.snapshot is not None) and not command_jobs:
         raise SpecPolicyError(
             "command jobs are off in this deployment: its operator turns them on with "
             "GPUFLEET_COMMAND_JOBS=1 (they run the submitter's program on the workers)"
         )
-    if spec.entrypoint is not None:
+    # An entrypoint in the job's own snapshot is the submitter's code, like a command: allowed
+    # where command jobs are, whatever its module's name.
+    if spec.entrypoint is not None and spec.snapshot is None:
         module = spec.entrypoint.partition(":")[0]
         allowed = any(
             module == prefix or module.startswith(prefix.rstrip(".") + ".")

@@ -54,6 +54,7 @@ def fleet_env(db_url: str, broker_url: str, tmp_path: Path) -> dict[str, str]:
             "GPUFLEET_BROKER_URL": broker_url,
             "GPUFLEET_CHECKPOINT_ROOT": str(tmp_path / "checkpoints"),
             "GPUFLEET_DATA_ROOT": str(tmp_path / "data"),
+            "GPUFLEET_STORAGE_ROOT": str(tmp_path / "storage"),
             "GPUFLEET_FAULT_INJECTION": "1",
             "GPUFLEET_ENTRYPOINT_ALLOW": "tests.custom_trainers",
             "PYTHONUNBUFFERED": "1",

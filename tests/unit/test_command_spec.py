@@ -29,6 +29,7 @@ def test_a_command_string_is_split_like_a_shell_never_run_by_one() -> None:
         ({"command": ["python"], "env": {"A-B": "1"}}, "not a variable name"),
         ({"command": ["python"], "env": {"A": "x\x00"}}, "control character"),
         ({"framework": "torch", "env": {"A": "1"}}, "for command jobs only"),
+        ({"framework": "torch", "snapshot": "a" * 64}, "for command and entrypoint jobs only"),
     ],
 )
 def test_bad_commands_and_env_are_refused_naming_the_problem(

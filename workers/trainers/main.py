@@ -78,7 +78,10 @@ def _import_entrypoint(entrypoint: str, launch: Launch) -> Trainer:
     # Faults are left to Faults.for_launch (ignored, not refused, without fault injection).
     try:
         check_policy(
-            launch.spec, entrypoint_prefixes=launch.entrypoint_prefixes, fault_injection=True
+            launch.spec,
+            entrypoint_prefixes=launch.entrypoint_prefixes,
+            fault_injection=True,
+            command_jobs=True,  # the supervisor refuses user code where it is off
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc

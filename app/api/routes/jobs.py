@@ -107,6 +107,11 @@ def _resolve(session: Session, scope: str | None, raw: str) -> uuid.UUID:
         ) from None
 
 
+#: a job id or unique prefix in the caller's scope (404 if none, 400 if ambiguous), for the
+#: routes about a job that live in modules of their own.
+resolve_job = _resolve
+
+
 #: seconds a replica reuses its read of the device table for ``waiting_reason``.
 DEVICE_MAX_AGE_S = 1.0
 

@@ -1,7 +1,7 @@
 """retention: ended jobs whose history was pruned
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-11-26 22:00:00.000000
 
 ``jobs.pruned_at``: when the reaper's retention duty (``GPUFLEET_RETENTION_DAYS``) deleted the
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
-down_revision: str | None = "0006"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
