@@ -290,3 +290,36 @@ def test_a_job_of_several_gpus_is_never_won_as_a_single_lease(fleet: Settings) -
             session=s, gpu_type="any", memory_gb=8, framework="torch"
         )
     assert free == {"host-4": 2, "host-2": 2}
+
+
+def test_a_gangs_telemetry_folds_in_every_member_device(fleet: Settings) -> None:
+    # Given a gang of 2 on host-4 and a single job on another of its devices
+    grant = _gang(fleet, _submit(fleet, gpu_count=2), "GPU-a2", 2)
+    assert grant is not None and grant.devices == ["GPU-a0", "GPU-a2"]
+    single = _submit(fleet)
+    assert _single(fleet, single, "GPU-a1") is not None
+
+    def sample(device: str, utilization: float, memory_gb: float) -> None:
+        with session_scope(fleet.database_url) as s:
+            device_rows.record_sample(
+                session=s,
+                uuid=device,
+                worker=_worker(device),
+                sample={"utilization": utilization, "memory_used_bytes": int(memory_gb * 1e9)},
+            )
+
+    # When each device's worker samples it
+    sample("GPU-a2", 0.9, 10)  # the leader's
+    sample("GPU-a0", 0.5, 30)  # the member's
+    sample("GPU-a1", 0.1, 70)  # the single job's
+    # Then the gang's statistics are over both its devices, and nothing of the single's
+    with session_scope(fleet.database_url) as s:
+        row = s.execute(
+            text(
+                "SELECT gpu_util_sum, gpu_util_samples, gpu_peak_memory_bytes FROM jobs"
+                " WHERE id = :j"
+            ),
+            {"j": grant.job_id},
+        ).one()
+    assert row.gpu_util_samples == 2 and abs(row.gpu_util_sum - 1.4) < 1e-9
+    assert row.gpu_peak_memory_bytes == int(30e9)
