@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     #: how long a worker of a scarce GPU type lets a job that a more plentiful, idle type also
     #: fits wait for that type before it takes the job itself (0: never defer).
     scarce_defer_s: float = Field(default=1.5, ge=0, le=60)
+    #: how long a worker woken for a gang that does not fit yet keeps its host's devices idle
+    #: for it as they free (reserved: single-GPU jobs stay off them), at most (0: never hold).
+    gang_hold_s: float = Field(default=120.0, ge=0, le=3600)
     #: frameworks this worker offers, comma-separated (torch, tensorflow); blank: every one
     #: installed. Naming one that is not installed stops the worker at start.
     worker_frameworks: str = ""

@@ -249,7 +249,8 @@ def set_current_job(*, session: Session, uuid: str, worker: str, job_id: uuid.UU
 
 def record_sample(*, session: Session, uuid: str, worker: str, sample: dict[str, Any]) -> None:
     """Store the latest sample on the device and fold it into the statistics of the job this
-    worker runs on it under a live lease."""
+    worker runs on it under a live lease, or of the gang that holds it (so a gang's mean
+    utilization is over all its devices' samples, its peak memory the largest of any one)."""
     stmt = text(
         """
         WITH d AS (
@@ -263,10 +264,15 @@ def record_sample(*, session: Session, uuid: str, worker: str, sample: dict[str,
          WHERE jobs.id = d.current_job AND jobs.status = 'running'
            -- fenced: only the job whose live lease of its current epoch runs on this device
            -- under this worker; a zombie's samples never reach a job now running elsewhere.
-           AND EXISTS (SELECT 1 FROM leases l
-                        WHERE l.job_id = jobs.id AND l.epoch = jobs.epoch
-                          AND l.released_at IS NULL
-                          AND l.device_uuid = :uuid AND l.worker = :worker)
+           AND (EXISTS (SELECT 1 FROM leases l
+                         WHERE l.job_id = jobs.id AND l.epoch = jobs.epoch
+                           AND l.released_at IS NULL
+                           AND l.device_uuid = :uuid AND l.worker = :worker)
+                -- or a member of the job's gang of this epoch: a gang's statistics are its
+                -- devices' together
+                OR EXISTS (SELECT 1 FROM devices g
+                            WHERE g.uuid = :uuid AND g.worker = :worker
+                              AND g.gang_job = jobs.id AND g.gang_epoch = jobs.epoch))
         """
     ).bindparams(bindparam("sample", type_=JSONB))
     session.execute(

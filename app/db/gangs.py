@@ -61,7 +61,7 @@ _ACQUIRE = text(
     f"""
     WITH host_devices AS (
         SELECT uuid, index, worker, expires_at, current_job, gang_job, suspect_since,
-               gpu_type, memory_bytes, frameworks
+               gpu_type, memory_bytes, frameworks, reserved_for, reserved_until
           FROM devices WHERE host = :host
          ORDER BY index
            FOR UPDATE),
@@ -70,13 +70,15 @@ _ACQUIRE = text(
         SELECT d.uuid, d.index FROM host_devices d, job
          WHERE d.worker IS NOT NULL AND d.expires_at > now() AND d.suspect_since IS NULL
            AND d.gang_job IS NULL
+           AND (d.reserved_for IS NULL OR d.reserved_for = :job_id OR d.reserved_until <= now())
            AND (d.uuid = :device AND d.worker = :worker
                 OR d.uuid <> :device AND d.current_job IS NULL)
            AND (:any_type OR d.gpu_type = ANY(:types))
            AND d.memory_bytes * {1 + MEMORY_TOLERANCE} >= :tier_bytes
            AND (d.frameworks IS NULL
                 OR d.frameworks -> coalesce(job.spec->>'framework', 'torch') IS NOT NULL)
-         ORDER BY d.uuid = :device DESC, d.index
+         ORDER BY d.uuid = :device DESC, d.reserved_for IS NOT DISTINCT FROM :job_id DESC,
+                  d.index
          LIMIT :n),
     won AS (
         UPDATE jobs SET status = 'running', epoch = epoch + 1,
@@ -88,7 +90,8 @@ _ACQUIRE = text(
            AND EXISTS (SELECT 1 FROM members WHERE uuid = :device)
         RETURNING id, epoch, attempts, max_attempts, spec, micro_batch),
     held AS (
-        UPDATE devices SET gang_job = won.id, gang_epoch = won.epoch, current_job = won.id
+        UPDATE devices SET gang_job = won.id, gang_epoch = won.epoch, current_job = won.id,
+               reserved_for = NULL, reserved_until = NULL
           FROM won
          WHERE devices.uuid IN (SELECT uuid FROM members)
         RETURNING devices.uuid, devices.index)
@@ -270,10 +273,15 @@ def membership(*, session: Session, device_uuid: str) -> Membership | None:
 
 
 def free_fitting_per_host(
-    *, session: Session, gpu_type: str | list[str], memory_gb: float, framework: str
+    *,
+    session: Session,
+    gpu_type: str | list[str],
+    memory_gb: float,
+    framework: str,
+    job_id: uuid.UUID | None = None,
 ) -> dict[str, int]:
-    """Per host, how many live, idle, healthy devices outside any gang fit a job now (the
-    devices a gang could win there at this moment)."""
+    """Per host, how many live, idle, healthy devices outside any gang, and not reserved for
+    another job than ``job_id``, fit a job now (the devices a gang could win there now)."""
     types = type_list(gpu_type)
     rows = session.execute(
         text(
@@ -281,6 +289,36 @@ def free_fitting_per_host(
             SELECT host, count(*) AS free FROM devices
              WHERE worker IS NOT NULL AND expires_at > now() AND suspect_since IS NULL
                AND gang_job IS NULL AND current_job IS NULL
+               AND (reserved_for IS NULL OR reserved_until <= now()
+                    OR reserved_for = CAST(:job_id AS uuid))
+               AND (:any_type OR gpu_type = ANY(:types))
+               AND memory_bytes * {1 + MEMORY_TOLERANCE} >= :tier_bytes
+               AND (frameworks IS NULL OR frameworks -> CAST(:framework AS text) IS NOT NULL)
+             GROUP BY host
+            """
+        ),
+        {
+            "any_type": ANY_TYPE in types,
+            "types": types,
+            "tier_bytes": job_tier(memory_gb) * 2**30,
+            "framework": framework,
+            "job_id": job_id,
+        },
+    ).all()
+    return {r.host: r.free for r in rows}
+
+
+def live_fitting_per_host(
+    *, session: Session, gpu_type: str | list[str], memory_gb: float, framework: str
+) -> dict[str, int]:
+    """Per host, how many devices held by live workers fit a job, busy or not: the hosts
+    where a gang of that many could start once their jobs end."""
+    types = type_list(gpu_type)
+    rows = session.execute(
+        text(
+            f"""
+            SELECT host, count(*) AS live FROM devices
+             WHERE worker IS NOT NULL AND expires_at > now() AND suspect_since IS NULL
                AND (:any_type OR gpu_type = ANY(:types))
                AND memory_bytes * {1 + MEMORY_TOLERANCE} >= :tier_bytes
                AND (frameworks IS NULL OR frameworks -> CAST(:framework AS text) IS NOT NULL)
@@ -294,7 +332,88 @@ def free_fitting_per_host(
             "framework": framework,
         },
     ).all()
-    return {r.host: r.free for r in rows}
+    return {r.host: r.live for r in rows}
+
+
+def reserve(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    device_uuid: str,
+    host: str,
+    gpu_count: int,
+    gpu_type: str | list[str],
+    memory_gb: float,
+    framework: str,
+    ttl: float,
+) -> list[str]:
+    """Keep ``gpu_count`` fitting devices of ``host`` for the waiting gang of ``job_id`` for
+    ``ttl`` seconds more: the holder's own (``device_uuid``), then idle ones, then busy ones
+    (they finish their job; no single-GPU lease starts on them after it). The holder renews
+    while it waits; devices it no longer picks are let go. Returns the reserved devices."""
+    types = type_list(gpu_type)
+    return list(
+        session.scalars(
+            text(
+                f"""
+                WITH pick AS (
+                    SELECT uuid FROM devices
+                     WHERE host = :host AND worker IS NOT NULL AND expires_at > now()
+                       AND suspect_since IS NULL AND gang_job IS NULL
+                       AND (reserved_for IS NULL OR reserved_until <= now()
+                            OR reserved_for = :job_id)
+                       AND (:any_type OR gpu_type = ANY(:types))
+                       AND memory_bytes * {1 + MEMORY_TOLERANCE} >= :tier_bytes
+                       AND (frameworks IS NULL
+                            OR frameworks -> CAST(:framework AS text) IS NOT NULL)
+                     ORDER BY uuid = :device DESC, current_job IS NULL DESC, index
+                     LIMIT :n
+                       FOR UPDATE),
+                dropped AS (
+                    UPDATE devices SET reserved_for = NULL, reserved_until = NULL
+                     WHERE reserved_for = :job_id AND uuid NOT IN (SELECT uuid FROM pick))
+                UPDATE devices SET reserved_for = :job_id,
+                       reserved_until = now() + make_interval(secs => :ttl)
+                 WHERE uuid IN (SELECT uuid FROM pick)
+                RETURNING uuid
+                """
+            ),
+            {
+                "job_id": job_id,
+                "device": device_uuid,
+                "host": host,
+                "n": gpu_count,
+                "ttl": ttl,
+                "any_type": ANY_TYPE in types,
+                "types": types,
+                "tier_bytes": job_tier(memory_gb) * 2**30,
+                "framework": framework,
+            },
+        ).all()
+    )
+
+
+def unreserve(*, session: Session, job_id: uuid.UUID) -> None:
+    """Give back every device reserved for ``job_id``."""
+    session.execute(
+        text(
+            "UPDATE devices SET reserved_for = NULL, reserved_until = NULL"
+            " WHERE reserved_for = :job_id"
+        ),
+        {"job_id": job_id},
+    )
+
+
+def reserved_for_other(*, session: Session, device_uuid: str) -> uuid.UUID | None:
+    """The waiting gang's job that ``device_uuid`` is kept idle for now, or None."""
+    found: uuid.UUID | None = session.scalar(
+        text(
+            "SELECT reserved_for FROM devices"
+            " WHERE uuid = :device AND reserved_for IS NOT NULL AND reserved_until > now()"
+        ),
+        {"device": device_uuid},
+    )
+    return found
 
 
 def queued_wakeup(*, session: Session, job_id: uuid.UUID) -> tuple[str, int] | None:

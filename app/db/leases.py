@@ -53,14 +53,15 @@ def acquire_lease(
 
     The device's row is locked and marked (``current_job``) in the same statement, its claim
     renewed when this worker holds it (the first of the lease's device renewals, see
-    ``heartbeat``), and a device
-    that a gang holds is refused: a gang's lease (``app.db.gangs``) locks the same rows, so the
-    two never both take one device."""
+    ``heartbeat``), and a device that a gang holds, or that is reserved for a waiting gang, is
+    refused: a gang's lease (``app.db.gangs``) locks the same rows, so the two never both take
+    one device."""
     row = session.execute(
         text(
             f"""
             WITH dev AS (
-                SELECT gang_job FROM devices WHERE uuid = CAST(:device AS text) FOR UPDATE),
+                SELECT gang_job, reserved_for, reserved_until FROM devices
+                 WHERE uuid = CAST(:device AS text) FOR UPDATE),
             won AS (
                 UPDATE jobs SET status = 'running', epoch = epoch + 1,
                        attempts = attempts + 1, started_at = coalesce(started_at, now()),
@@ -68,7 +69,11 @@ def acquire_lease(
                  WHERE id = :job_id AND status = 'queued' AND NOT cancel_requested
                    AND (retry_at IS NULL OR retry_at <= now())
                    AND {DEVICE_MAY_START}
-                   AND NOT EXISTS (SELECT 1 FROM dev WHERE gang_job IS NOT NULL)
+                   AND NOT EXISTS (
+                       SELECT 1 FROM dev
+                        WHERE gang_job IS NOT NULL
+                           -- kept idle for a waiting gang (app.db.gangs.reserve)
+                           OR (reserved_for <> :job_id AND reserved_until > now()))
                    -- a job of several GPUs is won as a gang (app.db.gangs), never alone
                    AND coalesce((spec->'resources'->>'gpu_count')::int, 1) = 1
                 RETURNING id, epoch, attempts, max_attempts, spec, micro_batch),

@@ -305,6 +305,9 @@ class Device(Base):
     #: while set, no other job starts here.
     gang_job: Mapped[UUID | None] = mapped_column()
     gang_epoch: Mapped[int | None] = mapped_column(Integer)
+    #: kept idle for a waiting gang's job until ``reserved_until`` (``app.db.gangs.reserve``).
+    reserved_for: Mapped[UUID | None] = mapped_column()
+    reserved_until: Mapped[datetime | None] = mapped_column(TZ)
     last_sample: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     sampled_at: Mapped[datetime | None] = mapped_column(TZ)
     #: set when a job failed with a GPU/driver fault; no job starts here until the device's

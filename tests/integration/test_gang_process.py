@@ -89,10 +89,10 @@ def test_the_first_failed_rank_stops_every_rank_and_names_the_attempts_end(tmp_p
     assert code == protocol.EXIT_OOM
     assert all(rank.poll() is not None for rank in gang.ranks)
     # And the supervisor reads rank 0's progress and rank 1's failure, nothing else
+    # (in either order: the ranks run side by side)
     messages = [protocol.decode(line) for line in control.splitlines()]
-    # (in either order: under load rank 0 may start after rank 1 failed)
     assert sorted(type(m).__name__ for m in messages) == ["Failure", "Progress"]
-    failure = next(m for m in messages if isinstance(m, protocol.Failure))
+    (failure,) = [m for m in messages if isinstance(m, protocol.Failure)]
     assert failure.kind == "oom"
     # And every rank's output reached the log, each line naming its rank
     for rank in range(3):

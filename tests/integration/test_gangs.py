@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
+import time
 import uuid
 
 import pytest
@@ -290,3 +291,113 @@ def test_a_job_of_several_gpus_is_never_won_as_a_single_lease(fleet: Settings) -
             session=s, gpu_type="any", memory_gb=8, framework="torch"
         )
     assert free == {"host-4": 2, "host-2": 2}
+
+
+def test_a_gangs_telemetry_folds_in_every_member_device(fleet: Settings) -> None:
+    # Given a gang of 2 on host-4 and a single job on another of its devices
+    grant = _gang(fleet, _submit(fleet, gpu_count=2), "GPU-a2", 2)
+    assert grant is not None and grant.devices == ["GPU-a0", "GPU-a2"]
+    single = _submit(fleet)
+    assert _single(fleet, single, "GPU-a1") is not None
+
+    def sample(device: str, utilization: float, memory_gb: float) -> None:
+        with session_scope(fleet.database_url) as s:
+            device_rows.record_sample(
+                session=s,
+                uuid=device,
+                worker=_worker(device),
+                sample={"utilization": utilization, "memory_used_bytes": int(memory_gb * 1e9)},
+            )
+
+    # When each device's worker samples it
+    sample("GPU-a2", 0.9, 10)  # the leader's
+    sample("GPU-a0", 0.5, 30)  # the member's
+    sample("GPU-a1", 0.1, 70)  # the single job's
+    # Then the gang's statistics are over both its devices, and nothing of the single's
+    with session_scope(fleet.database_url) as s:
+        row = s.execute(
+            text(
+                "SELECT gpu_util_sum, gpu_util_samples, gpu_peak_memory_bytes FROM jobs"
+                " WHERE id = :j"
+            ),
+            {"j": grant.job_id},
+        ).one()
+    assert row.gpu_util_samples == 2 and abs(row.gpu_util_sum - 1.4) < 1e-9
+    assert row.gpu_peak_memory_bytes == int(30e9)
+
+
+def test_a_waiting_gang_reserves_its_hosts_devices_and_starts_within_its_bound(
+    fleet: Settings,
+) -> None:
+    from workers.gang_lease import sit_out, win
+    from workers.identity import WorkerIdentity
+
+    # Given host-2's T4s: one busy with a single-GPU job, and a stream of single-GPU T4 jobs
+    host2 = fleet.model_copy(update={"hostname": "host-2", "gang_hold_s": 30})
+    first = _submit(fleet, gpu_type="T4")
+    assert _single(fleet, first, "GPU-t1") is not None
+    stream = [_submit(fleet, gpu_type="T4") for _ in range(3)]
+    # When a gang of 2 T4s is woken on the idle T4: it fits nowhere now, so its worker holds
+    gang = _submit(fleet, gpu_count=2, gpu_type="T4")
+    leader = WorkerIdentity(worker=_worker("GPU-t0"), device_uuid="GPU-t0", cuda=False)
+    won: list[leases.LeaseGrant | None] = []
+    holder = threading.Thread(target=lambda: won.append(win(host2, leader, gang)))
+    holder.start()
+    deadline = time.monotonic() + 10
+    while {u for u, (job, _) in _reservations(fleet).items() if job == gang} != set(
+        HOSTS["host-2"]
+    ):
+        assert time.monotonic() < deadline, _reservations(fleet)
+        time.sleep(0.05)
+    # Then the busy T4 keeps its job, but once that ends, the next single is refused there
+    # (the device is kept for the gang) and its worker sits out, handing the wake-up back
+    _end_single(fleet, first, "GPU-t1")
+    assert _single(fleet, stream[0], "GPU-t1") is None
+    member = WorkerIdentity(worker=_worker("GPU-t1"), device_uuid="GPU-t1", cuda=False)
+    sitting: list[bool] = []
+    sitter = threading.Thread(target=lambda: sitting.append(sit_out(host2, member, stream[0])))
+    sitter.start()
+    # And the gang starts on both T4s well within its bound
+    holder.join(timeout=20)
+    assert won and won[0] is not None and won[0].gang == ("GPU-t0", "GPU-t1"), won
+    sitter.join(timeout=10)
+    assert sitting == [True]
+    assert all(job is None for job, _ in _reservations(fleet).values())
+    # And the stream's jobs still wait (queued), to run after the gang
+    with session_scope(fleet.database_url) as s:
+        statuses = s.scalars(
+            text("SELECT status FROM jobs WHERE id = ANY(:ids)"), {"ids": stream}
+        ).all()
+    assert set(statuses) == {"queued"}
+
+
+def test_a_hold_gives_the_devices_back_after_its_bound(fleet: Settings) -> None:
+    from workers.gang_lease import win
+    from workers.identity import WorkerIdentity
+
+    # Given host-2's second T4 busy for longer than the gang may hold
+    host2 = fleet.model_copy(update={"hostname": "host-2", "gang_hold_s": 1})
+    busy = _submit(fleet, gpu_type="T4")
+    assert _single(fleet, busy, "GPU-t1") is not None
+    gang = _submit(fleet, gpu_count=2, gpu_type="T4")
+    leader = WorkerIdentity(worker=_worker("GPU-t0"), device_uuid="GPU-t0", cuda=False)
+    started = time.monotonic()
+    # When its worker holds for the gang: it gives up after its bound, and lets the devices go
+    assert win(host2, leader, gang) is None
+    assert 1 <= time.monotonic() - started < 10
+    assert all(job is None for job, _ in _reservations(fleet).values())
+    assert _single(fleet, _submit(fleet, gpu_type="T4"), "GPU-t0") is not None
+
+
+def _reservations(settings: Settings) -> dict[str, tuple[uuid.UUID | None, object]]:
+    with session_scope(settings.database_url) as s:
+        rows = s.execute(text("SELECT uuid, reserved_for, reserved_until FROM devices")).all()
+    return {r.uuid: (r.reserved_for, r.reserved_until) for r in rows}
+
+
+def _end_single(settings: Settings, job_id: uuid.UUID, device: str) -> None:
+    """The single-GPU job on ``device`` ends (its supervisor marks the device idle)."""
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE leases SET released_at = now() WHERE job_id = :j"), {"j": job_id})
+        s.execute(text("UPDATE jobs SET status = 'succeeded' WHERE id = :j"), {"j": job_id})
+        device_rows.set_current_job(session=s, uuid=device, worker=_worker(device), job_id=None)

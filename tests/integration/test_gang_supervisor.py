@@ -1,0 +1,132 @@
+"""The supervisor leading a gang (``gpu_count`` 2) on a real Postgres, with real trainer ranks
+(gloo on the CPU), no Celery in between: OOM backoff halves every rank's micro-batch
+together, one failed rank ends the attempt with its class, and a member's lost worker fences
+the gang."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from app.db import devices as device_rows
+from app.db.session import session_scope
+from app.settings import Settings
+from tests.conftest import device_record
+from tests.integration.test_supervisor import events, run_in_background, spec, submit, view
+from workers.gang_lease import sit_out
+from workers.identity import WorkerIdentity
+from workers.supervisor import Outcome, Supervisor
+
+HOST = "gang-host"
+DEVICES = ["GPU-g0", "GPU-g1"]
+LEADER = WorkerIdentity(worker="A100-0@gang-host", device_uuid="GPU-g0", cuda=False)
+MEMBER = WorkerIdentity(worker="A100-1@gang-host", device_uuid="GPU-g1", cuda=False)
+
+
+@pytest.fixture
+def host(settings: Settings) -> Settings:
+    """A host of 2 simulated A100s, each claimed by its own worker (for long: no keeper)."""
+    with session_scope(settings.database_url) as s:
+        device_rows.register_devices(
+            session=s,
+            devices=[
+                dataclasses.replace(device_record(u, index=i), host=HOST)
+                for i, u in enumerate(DEVICES)
+            ],
+        )
+        for who in (LEADER, MEMBER):
+            assert who.device_uuid is not None
+            assert device_rows.claim_device(
+                session=s, uuids=[who.device_uuid], worker=who.worker, ttl=600
+            )
+    return settings.model_copy(
+        update={
+            "hostname": HOST,
+            "fault_injection": True,
+            "entrypoint_allow": "tests.custom_trainers",
+        }
+    )
+
+
+def _gang_rows(settings: Settings) -> dict[str, Any]:
+    with session_scope(settings.database_url) as s:
+        rows = s.execute(text("SELECT uuid, gang_job, current_job FROM devices")).all()
+    return {r.uuid: (r.gang_job, r.current_job) for r in rows}
+
+
+def _log(settings: Settings, job_id: Any) -> str:
+    with session_scope(settings.database_url) as s:
+        return "".join(
+            s.scalars(
+                text("SELECT chunk FROM job_logs WHERE job_id = :j ORDER BY id"), {"j": job_id}
+            ).all()
+        )
+
+
+def test_oom_halves_every_ranks_micro_batch_together(host: Settings) -> None:
+    # Given a gang job that runs out of memory above a micro-batch of 128 (batch 256)
+    job_id = submit(host, spec(resources={"gpu_count": 2}, faults={"oom_above_micro_batch": 128}))
+    # When the leader runs it
+    assert Supervisor(host, LEADER).run(job_id) == Outcome.SUCCEEDED
+    # Then it halved within its one lease, and both ranks then trained at 128
+    job = view(host, job_id)
+    assert job["attempts"] == 1 and job["batch"]["micro_batch"] == 128
+    assert [m for k, _, m in events(host, job_id) if k == "oom_backoff"] != []
+    log = _log(host, job_id)
+    for rank in (0, 1):
+        assert f"[rank {rank}] " in log
+    assert "= 2 x micro-batch 128" in log and "rank 1 of 2" in log
+    # And the gang's devices are free again
+    assert _gang_rows(host) == {d: (None, None) for d in DEVICES}
+
+
+def test_one_failed_rank_stops_the_gang_and_names_the_attempts_end(host: Settings) -> None:
+    job_id = submit(
+        host,
+        spec(
+            framework=None,
+            entrypoint="tests.custom_trainers.ranks:fail_on_rank_1",
+            resources={"gpu_count": 2},
+        ),
+    )
+    started = time.monotonic()
+    assert Supervisor(host, LEADER).run(job_id) == Outcome.FAILED
+    # Rank 0 (which would have run 5 minutes) was stopped at once, and the job failed with
+    # rank 1's class and message
+    assert time.monotonic() - started < 60
+    job = view(host, job_id)
+    assert job["error"]["kind"] == "user_error"
+    assert "rank 1 found a bad row" in job["error"]["message"]
+    assert _gang_rows(host) == {d: (None, None) for d in DEVICES}
+
+
+def test_a_members_lost_worker_fences_the_gang(host: Settings) -> None:
+    # Given a gang job running (slowly) on both devices
+    job_id = submit(host, spec(resources={"gpu_count": 2}, faults={"step_delay_s": 0.2}))
+    runner, outcome = run_in_background(host, job_id, until_step=1, identity=LEADER)
+    assert _gang_rows(host)["GPU-g1"][0] == job_id
+    # And the member's worker, woken for another job meanwhile, sits out
+    other = submit(host, spec())
+    sat: list[bool] = []
+    sitter = threading.Thread(target=lambda: sat.append(sit_out(host, MEMBER, other)))
+    sitter.start()
+    # When the member's worker goes silent (its device claim expires)
+    with session_scope(host.database_url) as s:
+        s.execute(
+            text("UPDATE devices SET expires_at = now() - interval '1 second' WHERE uuid = :u"),
+            {"u": "GPU-g1"},
+        )
+    # Then the leader stops the whole gang and hands the job back
+    runner.join(timeout=60)
+    assert outcome == [Outcome.REQUEUED]
+    job = view(host, job_id)
+    assert job["status"] == "queued" and "lost its claim" in job["error"]["message"]
+    # And the gang let its devices go, which ends the member's sitting out
+    sitter.join(timeout=10)
+    assert sat == [True]
+    assert _gang_rows(host) == {d: (None, None) for d in DEVICES}
