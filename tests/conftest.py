@@ -77,6 +77,12 @@ class _PrivateServers:
                 from app.settings import Settings
                 from tests.pgbouncer import EmbeddedPgBouncer, role_timeouts
 
+                if os.environ.get("GPUFLEET_TEST_PG"):
+                    # the timeouts go on the role: never alter a server the suite did not start
+                    raise RuntimeError(
+                        "GPUFLEET_TEST_PGBOUNCER=1 needs the suite's own PostgreSQL: "
+                        "unset GPUFLEET_TEST_PG"
+                    )
                 defaults = Settings()
                 role_timeouts(
                     f"host={host} port={port} user=postgres dbname=postgres",
