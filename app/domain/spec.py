@@ -255,11 +255,30 @@ class JobSpec(_Strict):
         json_schema_extra={
             "description": "A training job. Give 'framework', an 'entrypoint' (custom "
             "trainer; its module must be under GPUFLEET_ENTRYPOINT_ALLOW) or a 'command' (only "
-            "where GPUFLEET_COMMAND_JOBS=1). 'faults' only where GPUFLEET_FAULT_INJECTION=1.",
+            "where GPUFLEET_COMMAND_JOBS=1). 'faults' only where GPUFLEET_FAULT_INJECTION=1. "
+            "gpu_count > 1 only with the torch trainer or an entrypoint.",
             "anyOf": [
                 {"required": ["framework"], "properties": {"framework": {"type": "string"}}},
                 {"required": ["entrypoint"], "properties": {"entrypoint": {"type": "string"}}},
                 {"required": ["command"]},
+            ],
+            # several GPUs: the torch trainer or an entrypoint (``_gang_shape``)
+            "allOf": [
+                {
+                    "anyOf": [
+                        {
+                            "properties": {
+                                "resources": {"properties": {"gpu_count": {"maximum": 1}}}
+                            }
+                        },
+                        {
+                            "properties": {
+                                "framework": {"not": {"const": "tensorflow"}},
+                                "command": {"type": "null"},
+                            }
+                        },
+                    ]
+                }
             ],
         }
     )
