@@ -114,8 +114,8 @@ class ForkedTrainer(TrainerProcess):
 class Zygote:
     """The fork server of this pool process; ``fork`` starts it, restarts it or replaces it."""
 
-    #: how long a spare request waits for a zygote still importing torch.
-    READY_TIMEOUT_S = 60.0
+    #: how long a fork request waits for the zygote's answer (a fork takes milliseconds).
+    REPLY_TIMEOUT_S = 30.0
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
@@ -157,6 +157,7 @@ class Zygote:
             raise
         finally:
             theirs.close()
+        ours.settimeout(self.REPLY_TIMEOUT_S)  # a hung zygote: ZygoteGone, not a hung worker
         self.sock, self.ready = ours, False
         log.info("started the trainer fork server (pid %s)", self.proc.pid)
 
