@@ -15,6 +15,7 @@ from pathlib import Path
 from app.db.retention import prune_ended
 from app.db.session import session_scope
 from app.settings import Settings
+from app.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,7 @@ def discard_checkpoint(settings: Settings, path: str) -> bool:
     """Delete a pruned checkpoint's file (a file, or a directory for TensorFlow). Only paths
     under ``checkpoint_root`` are touched: the path was written by a trainer. True if removed.
 
-    The one place retention touches checkpoint storage: checkpoints kept in the object store
-    are deleted here too, by their key, once they are uploaded there."""
+    Their uploaded copies in the object store go through :func:`discard_object`."""
     root = settings.checkpoint_root.resolve()
     target = Path(path).resolve()
     if target == root or not target.is_relative_to(root):
@@ -40,6 +40,17 @@ def discard_checkpoint(settings: Settings, path: str) -> bool:
     try:
         target.unlink()
     except FileNotFoundError:
+        return False
+    return True
+
+
+def discard_object(settings: Settings, key: str) -> bool:
+    """Delete a pruned checkpoint's uploaded copy from the object store. True if done; a
+    store error is logged and left (an orphaned object, never a record without one)."""
+    try:
+        open_store(settings).delete(key)
+    except Exception as exc:  # any store error: the duty goes on
+        log.warning("retention: could not delete checkpoint object %s (%s)", key, exc)
         return False
     return True
 
@@ -58,6 +69,8 @@ def prune(settings: Settings) -> int:
             )
         for path in pruned.checkpoints:  # after the commit: a file outlives no record
             discard_checkpoint(settings, path)
+        for key in pruned.objects:
+            discard_object(settings, key)
         total += len(pruned.jobs)
         if len(pruned.jobs) < settings.reaper_batch:
             break

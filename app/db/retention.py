@@ -26,6 +26,8 @@ class Pruned:
     jobs: list[uuid.UUID] = field(default_factory=list)
     #: paths of the checkpoint records deleted (non-final ones): their files go too.
     checkpoints: list[str] = field(default_factory=list)
+    #: store keys of those checkpoints that were uploaded (``workers.checkpoint_sync``).
+    objects: list[str] = field(default_factory=list)
 
 
 def prune_ended(*, session: Session, retention_days: float, limit: int) -> Pruned:
@@ -58,9 +60,10 @@ def prune_ended(*, session: Session, retention_days: float, limit: int) -> Prune
                  WHERE c.job_id = due.id AND c.id <> (
                      SELECT n.id FROM checkpoints n WHERE n.job_id = c.job_id
                       ORDER BY n.step DESC, n.id DESC LIMIT 1)
-                RETURNING c.path)
+                RETURNING c.path, c.storage_key)
             SELECT 'job' AS what, id::text AS value FROM kept
             UNION ALL SELECT 'checkpoint', path FROM older
+            UNION ALL SELECT 'object', storage_key FROM older WHERE storage_key IS NOT NULL
             """
         ),
         {"seconds": retention_days * 86400.0, "limit": limit},
@@ -69,6 +72,8 @@ def prune_ended(*, session: Session, retention_days: float, limit: int) -> Prune
     for row in rows:
         if row.what == "job":
             pruned.jobs.append(uuid.UUID(row.value))
+        elif row.what == "object":
+            pruned.objects.append(row.value)
         else:
             pruned.checkpoints.append(row.value)
     return pruned

@@ -19,6 +19,7 @@ from app.db.session import session_scope
 from app.domain.spec import JobSpec
 from app.domain.states import EventKind, LeaseOutcome
 from app.settings import Settings
+from app.storage import open_store
 from workers.reaper import Reaper
 from workers.retention import discard_checkpoint
 
@@ -39,9 +40,10 @@ class HealthyBroker:
         return 10**9
 
 
-def _run_short_job(settings: Settings, *, steps: int = 3) -> uuid.UUID:
+def _run_short_job(settings: Settings, *, steps: int = 3, upload: bool = False) -> uuid.UUID:
     """Submit a job and run it through the real lease statements: events, output, progress,
-    a checkpoint per step (files under checkpoint_root, two kept), success."""
+    a checkpoint per step (files under checkpoint_root, two kept; with ``upload``, each also
+    put in the store and recorded with its key, as ``workers.checkpoint_sync`` does), success."""
     url = settings.database_url
     with session_scope(url) as s:
         job_id = submit_job(session=s, tenant="t", spec=SPEC).job_id
@@ -52,6 +54,9 @@ def _run_short_job(settings: Settings, *, steps: int = 3) -> uuid.UUID:
     for step in range(1, steps + 1):
         path = folder / f"step-{step}.pt"
         path.write_bytes(b"weights")
+        key = f"checkpoints/{job_id}/{path.name}" if upload else None
+        if key is not None:
+            open_store(settings).put_file(key, path)
         with session_scope(url) as s:
             leases.heartbeat(
                 session=s, job_id=job_id, epoch=grant.epoch, ttl=60, progress={"step": step}
@@ -61,7 +66,13 @@ def _run_short_job(settings: Settings, *, steps: int = 3) -> uuid.UUID:
             )
             append_log(session=s, job_id=job_id, epoch=grant.epoch, chunk=f"step {step}\n")
             stale = leases.record_checkpoint(
-                session=s, job_id=job_id, epoch=grant.epoch, step=step, path=str(path), keep=2
+                session=s,
+                job_id=job_id,
+                epoch=grant.epoch,
+                step=step,
+                path=str(path),
+                keep=2,
+                storage_key=key,
             )
         for old in stale or []:
             Path(old).unlink()
@@ -170,6 +181,30 @@ def test_history_tables_stop_growing_under_a_steady_stream_of_short_jobs(
     # And the checkpoint files of pruned jobs are down to the final one each
     files = sorted(p.parent.name for p in tmp_path.glob("*/*.pt"))
     assert len(files) == 12 * 1 + 3 * 2
+
+
+def test_an_old_jobs_uploaded_checkpoints_leave_the_store_but_the_final_one(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Given a deployment whose checkpoints go to an object store (a file:// store here; the
+    # S3 one answers the same delete, tests/integration/test_storage_s3.py)
+    settings = settings.model_copy(
+        update={
+            "checkpoint_root": tmp_path / "local",
+            "storage_url": f"file://{tmp_path / 'bucket'}",
+            "retention_days": 30,
+        }
+    )
+    old = _run_short_job(settings, upload=True)
+    store = open_store(settings)
+    # (step 1's record went at step 3, beyond the 2 kept: its object is checkpoint_sync's)
+    keys = [f"checkpoints/{old}/step-{step}.pt" for step in (2, 3)]
+    assert all(store.exists(key) for key in keys)
+    _age(settings, [old], days=31)
+    # When the reaper passes
+    assert Reaper(settings, HealthyBroker()).pass_once().pruned == 1  # type: ignore[arg-type]
+    # Then the pruned records' objects are gone from the store, the final one stays
+    assert [store.exists(key) for key in keys] == [False, True]
 
 
 def test_a_checkpoint_outside_the_checkpoint_root_is_never_deleted(
