@@ -3,7 +3,8 @@
 Each pass deletes, in batches of ``reaper_batch`` jobs (one short transaction each, at most
 ``RETENTION_BATCHES`` per pass), the events, logs, leases and non-final checkpoint records of
 jobs ended more than ``GPUFLEET_RETENTION_DAYS`` ago (``app.db.retention``), then the files of
-those checkpoints (:func:`discard_checkpoint`). ``GPUFLEET_RETENTION_DAYS=0`` keeps everything.
+those checkpoints (:func:`discard_checkpoint`) and their uploaded copies (:func:`discard_object`).
+``GPUFLEET_RETENTION_DAYS=0`` keeps everything.
 """
 
 from __future__ import annotations
