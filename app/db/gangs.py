@@ -272,6 +272,22 @@ def membership(*, session: Session, device_uuid: str) -> Membership | None:
     return Membership(job_id=row.gang_job, epoch=row.gang_epoch, leader=row.worker)
 
 
+#: a device row fits the job of ``_fit_params`` (type, memory tier, framework).
+_FITS = f"""(:any_type OR gpu_type = ANY(:types))
+               AND memory_bytes * {1 + MEMORY_TOLERANCE} >= :tier_bytes
+               AND (frameworks IS NULL OR frameworks -> CAST(:framework AS text) IS NOT NULL)"""
+
+
+def _fit_params(gpu_type: str | list[str], memory_gb: float, framework: str) -> dict[str, Any]:
+    types = type_list(gpu_type)
+    return {
+        "any_type": ANY_TYPE in types,
+        "types": types,
+        "tier_bytes": job_tier(memory_gb) * 2**30,
+        "framework": framework,
+    }
+
+
 def free_fitting_per_host(
     *,
     session: Session,
@@ -282,7 +298,6 @@ def free_fitting_per_host(
 ) -> dict[str, int]:
     """Per host, how many live, idle, healthy devices outside any gang, and not reserved for
     another job than ``job_id``, fit a job now (the devices a gang could win there now)."""
-    types = type_list(gpu_type)
     rows = session.execute(
         text(
             f"""
@@ -291,19 +306,11 @@ def free_fitting_per_host(
                AND gang_job IS NULL AND current_job IS NULL
                AND (reserved_for IS NULL OR reserved_until <= now()
                     OR reserved_for = CAST(:job_id AS uuid))
-               AND (:any_type OR gpu_type = ANY(:types))
-               AND memory_bytes * {1 + MEMORY_TOLERANCE} >= :tier_bytes
-               AND (frameworks IS NULL OR frameworks -> CAST(:framework AS text) IS NOT NULL)
+               AND {_FITS}
              GROUP BY host
             """
         ),
-        {
-            "any_type": ANY_TYPE in types,
-            "types": types,
-            "tier_bytes": job_tier(memory_gb) * 2**30,
-            "framework": framework,
-            "job_id": job_id,
-        },
+        {**_fit_params(gpu_type, memory_gb, framework), "job_id": job_id},
     ).all()
     return {r.host: r.free for r in rows}
 
@@ -313,24 +320,16 @@ def live_fitting_per_host(
 ) -> dict[str, int]:
     """Per host, how many devices held by live workers fit a job, busy or not: the hosts
     where a gang of that many could start once their jobs end."""
-    types = type_list(gpu_type)
     rows = session.execute(
         text(
             f"""
             SELECT host, count(*) AS live FROM devices
              WHERE worker IS NOT NULL AND expires_at > now() AND suspect_since IS NULL
-               AND (:any_type OR gpu_type = ANY(:types))
-               AND memory_bytes * {1 + MEMORY_TOLERANCE} >= :tier_bytes
-               AND (frameworks IS NULL OR frameworks -> CAST(:framework AS text) IS NOT NULL)
+               AND {_FITS}
              GROUP BY host
             """
         ),
-        {
-            "any_type": ANY_TYPE in types,
-            "types": types,
-            "tier_bytes": job_tier(memory_gb) * 2**30,
-            "framework": framework,
-        },
+        _fit_params(gpu_type, memory_gb, framework),
     ).all()
     return {r.host: r.live for r in rows}
 
