@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-import boto3
-import httpx
 import psycopg
 from pydantic import SecretStr
 
@@ -37,29 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from app.settings import Settings  # noqa: E402
 from bench.worker_overhead import job_spec, run_fleet  # noqa: E402
-from tests.e2e.fleet import free_port  # noqa: E402
+from tests.s3_server import s3_client, start_moto  # noqa: E402
 
 BUCKET = "gpufleet-bench"
-
-
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(url, timeout=1)
-            return server, url
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                server.kill()
-                raise SystemExit("moto's server did not start") from None
-            time.sleep(0.1)
 
 
 def objects(client: object) -> int:
@@ -83,13 +59,7 @@ def main() -> None:
         from tests.conftest import migrate
 
         migrate(url)
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="bench",
-            aws_secret_access_key="bench",
-        )
+        s3 = s3_client(endpoint, key="bench")
         s3.create_bucket(Bucket=BUCKET)
         with tempfile.TemporaryDirectory() as tmp:
             local = Settings(

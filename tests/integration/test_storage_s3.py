@@ -4,16 +4,11 @@ free port), and a snapshot that goes through it: uploaded by the API, fetched by
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 import tarfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
@@ -21,9 +16,9 @@ from pydantic import SecretStr
 from app.api.app import create_app
 from app.settings import Settings
 from app.storage import S3Store, open_store
-from tests.e2e.fleet import free_port
 from tests.integration.test_api import ALICE, AUTH
 from tests.integration.test_supervisor import IDENTITY
+from tests.s3_server import s3_client, start_moto
 from workers.supervisor import Outcome, Supervisor
 
 BUCKET = "gpufleet-test"
@@ -31,22 +26,8 @@ BUCKET = "gpufleet-test"
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_moto()
     try:
-        deadline = time.monotonic() + 90  # moto imports a lot: slow on a loaded machine
-        while True:
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "moto's server did not start"
-                time.sleep(0.1)
         yield url
     finally:
         server.terminate()
@@ -64,14 +45,7 @@ def s3_settings(settings: Settings, s3_endpoint: str) -> Settings:
             "s3_secret_access_key": SecretStr("test"),
         }
     )
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-    )
-    client.create_bucket(Bucket=BUCKET)
+    s3_client(s3_endpoint, key="test").create_bucket(Bucket=BUCKET)
     return s3
 
 
