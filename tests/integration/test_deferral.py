@@ -74,7 +74,7 @@ def test_the_scarce_device_sends_the_wake_up_to_the_plentiful_queue_and_waits_it
     taken = defer_if_scarce(_fast(settings), A100, job)
     waited = time.monotonic() - started
     assert not taken  # nobody leased it: this worker takes it after the bound
-    assert 1.0 <= waited < 2.0, waited
+    assert 1.0 <= waited < 3.0, waited  # its 1 s bound, not the lease's wait
     # the real wake-up, in the T4 workers' queue
     assert Dispatcher(settings).pending("gpu.T4.8") == 1
 
@@ -87,7 +87,7 @@ def test_the_wait_ends_as_soon_as_a_plentiful_device_leases_the_job(settings: Se
     started = time.monotonic()
     taken = defer_if_scarce(_fast(settings, defer_s=5.0), A100, job)
     taker.join()
-    assert taken and time.monotonic() - started < 1.5
+    assert taken and time.monotonic() - started < 3.0  # well before its 5 s bound
 
 
 def test_no_deferral_when_it_would_not_keep_a_scarce_gpu_free(settings: Settings) -> None:

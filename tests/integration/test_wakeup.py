@@ -50,7 +50,9 @@ def test_one_pass_resends_a_thousand_lost_wake_ups_of_one_queue(
     # Then every one of them has its wake-up again, within the pass, and only once
     assert report.dispatched == GPUS
     assert dispatcher.pending(queue) == GPUS
-    assert took < 10, f"the pass took {took:.1f}s"
+    # The pass takes ~1.3 s on a quiet 2-core machine and 11.9 s was seen on a loaded CI
+    # runner; the bound only catches a per-job cost (a round trip per wake-up would be ~100 s).
+    assert took < 45, f"the pass took {took:.1f}s"
     assert reaper.pass_once().dispatched == 0
 
 
