@@ -20,7 +20,7 @@ import posixpath
 import re
 import tarfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import quote
 
 if TYPE_CHECKING:
@@ -110,8 +110,15 @@ def pack(root: Path) -> bytes:
         dirnames[:] = sorted(d for d in dirnames if not spec.match_file(f"{rel}{d}/"))
         files += [f"{rel}{f}" for f in filenames if not spec.match_file(f"{rel}{f}")]
     raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in sorted(files):
+    write_tar(root, files, raw)
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def write_tar(root: Path, names: list[str], out: BinaryIO) -> None:
+    """``names`` (relative to ``root``) as a reproducible tar: sorted, no times or owners, so
+    the same tree always gives the same bytes. Files and symlinks only."""
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(names):
             info = tar.gettarinfo(str(root / name), arcname=name)
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             if info.isfile():
@@ -119,4 +126,3 @@ def pack(root: Path) -> bytes:
                     tar.addfile(info, f)
             elif info.issym():
                 tar.addfile(info)
-    return gzip.compress(raw.getvalue(), mtime=0)

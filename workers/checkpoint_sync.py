@@ -13,13 +13,17 @@ On resume, :func:`prepare_resume` gives the trainer the newest recorded checkpoi
 match their sha256: the local file if this host has it, else a download from the store; one
 that does not match is skipped (a ``checkpoint_skipped`` event) for the one before it.
 
-A checkpoint directory (TensorFlow's format) is recorded without a hash and stays on its host.
+A checkpoint directory (TensorFlow's format) goes to the store as one reproducible tar
+(``workers.checkpoint_archive``), hashed and checked like a file; with the default local
+storage it is recorded without a hash and stays on its host.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import tarfile
+import tempfile
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +34,7 @@ from app.db.checkpoints import RecordedCheckpoint
 from app.domain.states import EventKind
 from app.snapshots import sha256_file
 from app.storage import Store
+from workers import checkpoint_archive
 from workers.lease_writer import LeaseLost, LeaseWriter
 
 log = logging.getLogger(__name__)
@@ -55,7 +60,7 @@ class CheckpointSync:
 
     def submit(self, step: int, path: str) -> None:
         """Sync the checkpoint the trainer just wrote, in the background."""
-        future = self._executor.submit(self._sync, step, Path(path))
+        future = self._executor.submit(self._sync_logged, step, Path(path))
         with self._lock:
             self._futures = [f for f in self._futures if not f.done()] + [future]
 
@@ -76,6 +81,12 @@ class CheckpointSync:
     def close(self) -> None:
         """Stop: what is still queued is dropped (the run ended, or the lease is gone)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _sync_logged(self, step: int, path: Path) -> None:
+        try:
+            self._sync(step, path)
+        except Exception:  # a future's exception is seen by nobody: say it here
+            log.exception("%s: checkpoint %s not synced", self.writer.tag, path)
 
     def _sync(self, step: int, path: Path) -> None:
         if self._lost is not None:
@@ -100,17 +111,27 @@ class CheckpointSync:
                 self._delete(key)
             return
         for old in stale:
-            remove_checkpoint(Path(old))
-            if self.store is not None:
-                self._delete(checkpoint_key(self.writer.job_id, old))
+            remove_checkpoint(Path(old.path))
+            if old.storage_key is not None and self.store is not None:
+                self._delete(old.storage_key)
 
     def _upload(self, path: Path) -> tuple[str | None, int | None, str | None]:
-        if path.is_dir():
-            return None, None, None
-        sha256, size = sha256_file(path), path.stat().st_size
-        if self.store is None:
-            return sha256, size, None
         key = checkpoint_key(self.writer.job_id, path)
+        if not path.is_dir():
+            return self._put(path, key if self.store is not None else None)
+        if self.store is None:  # a directory on the default local storage stays on its host
+            return None, None, None
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".archive-") as tmp:
+            tar = Path(tmp) / "checkpoint.tar"
+            checkpoint_archive.archive(path, tar)
+            return self._put(tar, key + checkpoint_archive.SUFFIX)
+
+    def _put(self, path: Path, key: str | None) -> tuple[str, int, str | None]:
+        """Hash ``path`` and upload it as ``key`` (None: no store); the key, if it is there."""
+        sha256, size = sha256_file(path), path.stat().st_size
+        if key is None:
+            return sha256, size, None
+        assert self.store is not None
         try:
             self.store.put_file(key, path)
         except Exception as exc:  # the store's own errors (boto3's are not OSErrors)
@@ -164,12 +185,13 @@ def prepare_resume(
 
 def _verified(row: RecordedCheckpoint, local: Path, store: Store | None) -> tuple[Path | None, str]:
     """The checkpoint on this host, checked (a download if need be), or None and why not."""
-    if row.sha256 is None:  # a directory checkpoint or an older record: the trainer checks it
+    if row.sha256 is None:  # a local directory checkpoint or an older record: the trainer checks
         path = Path(row.path)
         return (path, "") if path.exists() else (None, "not on this host")
+    directory = row.storage_key is not None and row.storage_key.endswith(checkpoint_archive.SUFFIX)
     reason = "not on this host"
-    if local.is_file():
-        got = sha256_file(local)
+    if local.is_dir() if directory else local.is_file():
+        got = checkpoint_archive.directory_sha256(local) if directory else sha256_file(local)
         if got == row.sha256:
             return local, ""
         reason = f"sha256 mismatch on this host: recorded {row.sha256}, found {got}"
@@ -188,7 +210,15 @@ def _verified(row: RecordedCheckpoint, local: Path, store: Store | None) -> tupl
     if got != row.sha256:
         part.unlink(missing_ok=True)
         return None, f"sha256 mismatch: recorded {row.sha256}, downloaded {got}"
-    part.replace(local)
+    if not directory:
+        part.replace(local)
+        return local, ""
+    try:
+        checkpoint_archive.unpack(part, local)
+    except (tarfile.TarError, OSError) as exc:
+        return None, f"the downloaded archive did not unpack: {exc}"
+    finally:
+        part.unlink(missing_ok=True)
     return local, ""
 
 

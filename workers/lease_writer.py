@@ -156,8 +156,8 @@ class LeaseWriter:
         sha256: str | None = None,
         size: int | None = None,
         storage_key: str | None = None,
-    ) -> list[str]:
-        """Record a checkpoint; returns the paths now beyond the last ``keep``."""
+    ) -> list[leases.StaleCheckpoint]:
+        """Record a checkpoint; returns those now beyond the last ``keep``."""
         stale = self._relay(
             lambda s: leases.record_checkpoint(
                 session=s,

@@ -231,6 +231,14 @@ def record_progress(
     return session.scalar(stmt, params) is not None
 
 
+@dataclass(frozen=True)
+class StaleCheckpoint:
+    """A checkpoint record beyond the last N, deleted: its file (and object) go next."""
+
+    path: str
+    storage_key: str | None
+
+
 def record_checkpoint(
     *,
     session: Session,
@@ -242,10 +250,10 @@ def record_checkpoint(
     sha256: str | None = None,
     size: int | None = None,
     storage_key: str | None = None,
-) -> list[str] | None:
+) -> list[StaleCheckpoint] | None:
     """Record a checkpoint the trainer wrote (and, with ``storage_key``, that is in the store).
-    Returns the paths now beyond the last ``keep`` (for the caller to delete), or None if the
-    lease is gone (the file must not be used)."""
+    Returns the checkpoints now beyond the last ``keep`` (for the caller to delete), or None if
+    the lease is gone (the file must not be used)."""
     inserted = session.scalar(
         text(
             f"""
@@ -276,20 +284,21 @@ def record_checkpoint(
         message=f"step {step}",
         data={"step": step, "path": path},
     )
-    stale = session.scalars(
+    stale = session.execute(
         text(
             """
             DELETE FROM checkpoints WHERE job_id = :job_id AND id NOT IN (
                 SELECT id FROM checkpoints WHERE job_id = :job_id
                  ORDER BY step DESC, id DESC LIMIT :keep)
-            RETURNING path
+            RETURNING path, storage_key
             """
         ),
         {"job_id": job_id, "keep": keep},
     ).all()
     # A step saved again after an OOM restart in the same lease has the same path twice.
     kept = set(checkpoint_paths(session=session, job_id=job_id))
-    return [path for path in dict.fromkeys(stale) if path not in kept]
+    unique = {row.path: StaleCheckpoint(row.path, row.storage_key) for row in stale}
+    return [old for path, old in unique.items() if path not in kept]
 
 
 def record_micro_batch(

@@ -245,3 +245,36 @@ def test_a_fenced_workers_upload_is_never_recorded(
         sync.close()
     assert recorded(settings, job_id) == []
     assert f"fleet/{checkpoint_key(job_id, ckpt)}" not in bucket_keys(s3_endpoint)
+
+
+def test_a_tensorflow_checkpoint_directory_resumes_on_another_host_from_the_store(
+    s3_settings: Settings,  # noqa: F811
+    s3_endpoint: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    host_a, host_b = host(s3_settings, tmp_path, "a"), host(s3_settings, tmp_path, "b")
+    tf_spec = {"framework": "tensorflow"}
+    # Given a TensorFlow job (checkpoints are directories) that checkpointed at steps 2 and 4 on
+    # host A, then failed transiently, and host A's disk gone
+    job_id = submit(host_a, spec(**tf_spec, faults={"fail_at_step": 5, "fail_with": "transient"}))
+    baseline_id = submit(host_b, spec(**tf_spec))
+    assert Supervisor(host_a, IDENTITY).run(job_id) == Outcome.REQUEUED
+    rows = recorded(host_a, job_id)
+    assert [r.step for r in rows] == [2, 4], rows
+    assert all(r.sha256 and r.storage_key.endswith(".dir.tar") for r in rows), rows
+    assert {f"fleet/{r.storage_key}" for r in rows} <= bucket_keys(s3_endpoint)
+    shutil.rmtree(tmp_path / "a")
+    # When host B takes it: it downloads the step-4 directory and resumes there
+    make_due(host_b, job_id)
+    assert Supervisor(host_b, IDENTITY).run(job_id) == Outcome.SUCCEEDED
+    assert Supervisor(host_b, IDENTITY).run(baseline_id) == Outcome.SUCCEEDED
+    kinds = [(k, m) for k, _, m in events(host_b, job_id)]
+    assert not [m for k, m in kinds if k == "checkpoint_skipped"], kinds
+    assert any(k == "resumed" and "step 4" in m for k, m in kinds), kinds
+    # Then it ends with the weights of the uninterrupted run, and stale directories and their
+    # objects are gone (the supervisor keeps the last N)
+    done, base = view(host_b, job_id, "t"), view(host_b, baseline_id, "t")
+    assert done["result"]["weights_sha256"] == base["result"]["weights_sha256"]
+    kept = {f"fleet/{r.storage_key}" for r in recorded(host_b, job_id)}
+    stored = {k for k in bucket_keys(s3_endpoint) if k.startswith(f"fleet/checkpoints/{job_id}/")}
+    assert stored == kept, (stored, kept)

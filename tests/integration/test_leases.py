@@ -243,7 +243,7 @@ def test_checkpoints_beyond_the_last_n_are_returned_for_deletion(settings: Setti
     job_id = _submit(settings)
     grant = _acquire(settings, job_id)
     assert grant is not None
-    stale_all: list[str] = []
+    stale_all: list[leases.StaleCheckpoint] = []
     with session_scope(settings.database_url) as s:
         for step in (10, 20, 30, 40):
             stale = leases.record_checkpoint(
@@ -252,7 +252,7 @@ def test_checkpoints_beyond_the_last_n_are_returned_for_deletion(settings: Setti
             assert stale is not None
             stale_all += stale
         assert leases.checkpoint_paths(session=s, job_id=job_id) == ["s40", "s30"]
-    assert stale_all == ["s10", "s20"]
+    assert [old.path for old in stale_all] == ["s10", "s20"]
 
 
 def test_three_claimers_two_devices(settings: Settings) -> None:

@@ -75,7 +75,7 @@ def _run_short_job(settings: Settings, *, steps: int = 3, upload: bool = False) 
                 storage_key=key,
             )
         for old in stale or []:
-            Path(old).unlink()
+            Path(old.path).unlink()
     with session_scope(url) as s:
         assert leases.finish(
             session=s,
