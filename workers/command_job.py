@@ -37,6 +37,7 @@ from app.domain.failures import FailureKind, classify
 from app.domain.outcome import EXIT_INFRA, EXIT_OK, EXIT_OOM, EXIT_STOPPED, EXIT_USER_ERROR
 from app.snapshots import UnsafeArchive, sha256_file, unpack
 from app.storage import Store
+from workers.gang import GangProcess
 from workers.lease_writer import LeaseWriter
 from workers.trainer_process import TrainerProcess
 from workers.trainers.protocol import LAUNCH_ENV, Failure, Launch, Result
@@ -74,11 +75,29 @@ def environment(launch: Launch, launch_file: Path) -> dict[str, str]:
     }
 
 
-def start(launch: Launch, launch_file: Path, workdir: Path) -> TrainerProcess:
-    """Start the command; OSError if it cannot be (not found, not executable)."""
-    assert launch.spec.command is not None
-    return TrainerProcess.command(
-        launch.spec.command, env=environment(launch, launch_file), cwd=workdir
+def start(
+    launch: Launch,
+    launch_file: Path,
+    workdir: Path,
+    *,
+    gang: list[str] | None = None,
+    cuda: bool = False,
+) -> TrainerProcess | GangProcess:
+    """Start the command, or with ``gang`` (the gang's devices, the leader's first) one copy
+    per device with torch.distributed's variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``: what ``torchrun`` gives); OSError if it cannot be (not
+    found, not executable)."""
+    argv = launch.spec.command
+    assert argv is not None
+    env = environment(launch, launch_file)
+    if gang is None:
+        return TrainerProcess.command(argv, env=env, cwd=workdir)
+    return GangProcess.start(
+        gang,
+        real_gpus=cuda,
+        rank_process=lambda ranked: TrainerProcess.command(
+            argv, env={**env, **ranked}, cwd=workdir
+        ),
     )
 
 
@@ -151,9 +170,13 @@ def run(
     writer: LeaseWriter,
     cfg: WatchSettings,
     snapshot: Callable[[Path], None] | None = None,
+    *,
+    gang: list[str] | None = None,
+    cuda: bool = False,
 ) -> TrainerRun:
     """Start the command of ``launch_file`` in ``workdir`` (the job's snapshot unpacked there by
-    ``snapshot(workdir)``, if it has one) and watch it to its end."""
+    ``snapshot(workdir)``, if it has one), once per device of its ``gang`` if it has several,
+    and watch it to its end."""
     launch = Launch.load(launch_file)
     assert launch.spec.command is not None
     workdir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +185,7 @@ def run(
     if snapshot is not None and (refused := unpack_snapshot(snapshot, workdir)) is not None:
         return refused
     try:
-        trainer = start(launch, launch_file, workdir)
+        trainer = start(launch, launch_file, workdir, gang=gang, cuda=cuda)
     except OSError as exc:
         return not_started(launch.spec.command[0], exc)
     return settle(watch(trainer, writer, cfg), launch.output_dir)

@@ -24,10 +24,8 @@ import contextlib
 import os
 import signal
 import socket
-import sys
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import IO, BinaryIO
 
 from workers.trainer_process import TrainerProcess
@@ -110,23 +108,22 @@ class GangProcess:
     @classmethod
     def start(
         cls,
-        launch_file: Path,
         devices: Sequence[str],
         *,
         real_gpus: bool,
-        spawn: Callable[[list[str], dict[str, str]], TrainerProcess] | None = None,
+        rank_process: Callable[[dict[str, str]], TrainerProcess],
     ) -> GangProcess:
-        """Start one trainer per device for ``launch_file``, meeting on a free local port."""
+        """Start one rank per device, meeting on a free local port: ``rank_process(env)``
+        starts the rank's process (the built-in or custom trainer, or the job's command) with
+        its torch.distributed variables ``env`` added to what it would get alone."""
         port = free_port()
-        argv = [sys.executable, "-m", "workers.trainers.main", str(launch_file)]
-        start = spawn or (lambda args, env: TrainerProcess(args, declared=env))
         ranks: list[TrainerProcess] = []
         try:
             for rank in range(len(devices)):
                 env = rank_environment(
                     rank=rank, devices=devices, master_port=port, real_gpus=real_gpus
                 )
-                ranks.append(start(argv, env))
+                ranks.append(rank_process(env))
         except BaseException:
             for started in ranks:
                 started.close()

@@ -32,6 +32,11 @@ accumulation. Checkpoints are ``torch.save`` files loaded with ``weights_only=Tr
 numbers, strings and containers of them) with an int ``step``; they are written on a background
 thread and recorded once durable. A program that never imports the SDK still runs; it reads
 the same ``GPUFLEET_*`` variables (``workers.command_job``) but is not resumable.
+
+In a job of several GPUs the program runs once per GPU with torch.distributed's variables
+(``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``): :attr:`Job.rank`,
+:attr:`Job.world_size` and :attr:`Job.device` say where this rank stands; only rank 0's
+messages are recorded and only rank 0's :meth:`Job.save` writes (``tests/commands/ddp_train.py``).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from workers.trainers.errors import StopRequested
 from workers.trainers.lifeline import bind_to_supervisor
 from workers.trainers.main import execute
 from workers.trainers.protocol import LAUNCH_ENV, Launch
+from workers.trainers.ranks import Ranks
 
 __all__ = ["Job", "StopRequested", "connect", "rng_state", "run", "set_rng_state"]
 
@@ -60,6 +66,8 @@ class Job:
         self.ctx = ctx
         self.channel = channel
         self.stop_flag = stop
+        #: this process's place in a job of several GPUs (``workers.gang`` sets the variables)
+        self.ranks = Ranks.from_env()
 
     @property
     def job_id(self) -> str:
@@ -89,8 +97,21 @@ class Job:
         return self.ctx.spec.training.checkpoint_every_steps
 
     @property
+    def rank(self) -> int:
+        """This process's rank in a job of several GPUs (``RANK``); 0 in a job of one."""
+        return self.ranks.rank
+
+    @property
+    def world_size(self) -> int:
+        """How many ranks the job runs (``WORLD_SIZE``: its ``gpu_count``)."""
+        return self.ranks.world
+
+    @property
     def device(self) -> str:
-        """``"cpu"`` or ``"cuda"`` (the one GPU the worker gives the job)."""
+        """``"cpu"``, ``"cuda"`` (the one GPU the worker gives the job) or, in a job of several
+        GPUs, ``"cuda:N"``: this rank's GPU among the gang's (``LOCAL_RANK``)."""
+        if self.ctx.device == "cuda" and self.ranks.world > 1:
+            return f"cuda:{self.ranks.rank}"
         return self.ctx.device
 
     @property
@@ -104,8 +125,14 @@ class Job:
         return self.ctx.load_checkpoint()
 
     def save(self, state: Mapping[str, Any]) -> Path:
-        """Save a checkpoint (with an int ``step``); recorded by the worker once durable."""
-        return self.ctx.save_checkpoint(state)
+        """Save a checkpoint (with an int ``step``); recorded by the worker once durable. In a
+        job of several GPUs only rank 0 writes (data-parallel ranks hold the same state); on
+        the others this only notes the step, and every rank resumes from rank 0's file."""
+        if self.ranks.leader:
+            return self.ctx.save_checkpoint(state)
+        step = int(state["step"])
+        self.ctx.last_saved_step = step
+        return self.ctx.checkpoint_path(step)
 
     def progress(
         self, step: int, total_steps: int, *, loss: float | None = None, epoch: int = 1

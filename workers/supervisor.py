@@ -313,23 +313,29 @@ class Supervisor:
         )
         with tempfile.TemporaryDirectory(prefix="gpufleet-") as tmp:
             launch_file = self._launch(grant, spec, micro, checkpoints, Path(tmp))
+            gang = leader_first(grant.gang, self.identity.device_uuid) if grant.gang else None
             if spec.command is not None:
                 workdir = Path(tmp) / "work"
+                snapshot = self._snapshot(grant, spec)
                 return command_job.run(
-                    launch_file, workdir, writer, cfg, self._snapshot(grant, spec)
+                    launch_file, workdir, writer, cfg, snapshot, gang=gang, cuda=self.identity.cuda
                 )
-            if grant.gang:
-                ranks = leader_first(grant.gang, self.identity.device_uuid)
-                gang = GangProcess.start(launch_file, ranks, real_gpus=self.identity.cuda)
-                return watch(gang, writer, cfg)
-            snapshot = self._snapshot(grant, spec)
-            if snapshot is not None:  # an entrypoint in the job's own code: a cold start
-                workdir = Path(tmp) / "work"
-                workdir.mkdir()
-                refused = command_job.unpack_snapshot(snapshot, workdir)
-                if refused is not None:
+            code: Path | None = None
+            if (snapshot := self._snapshot(grant, spec)) is not None:
+                # An entrypoint in the job's own code: a cold start, from its working directory.
+                code = Path(tmp) / "work"
+                code.mkdir()
+                if (refused := command_job.unpack_snapshot(snapshot, code)) is not None:
                     return refused
-                return watch(TrainerProcess.cold(launch_file, code=workdir), writer, cfg)
+            if gang is not None:
+                ranks = GangProcess.start(
+                    gang,
+                    real_gpus=self.identity.cuda,
+                    rank_process=lambda env: TrainerProcess.cold(launch_file, code=code, env=env),
+                )
+                return watch(ranks, writer, cfg)
+            if code is not None:
+                return watch(TrainerProcess.cold(launch_file, code=code), writer, cfg)
             warm = self.spare and self.spare.take(_framework(grant.spec), launch_file)
             return watch(warm or TrainerProcess.cold(launch_file), writer, cfg)
 

@@ -116,15 +116,22 @@ class TrainerProcess:
         self.output = popen.stdout
 
     @classmethod
-    def cold(cls, launch_file: Path, *, code: Path | None = None) -> TrainerProcess:
+    def cold(
+        cls,
+        launch_file: Path,
+        *,
+        code: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> TrainerProcess:
         """A trainer for ``launch_file`` in a fresh interpreter (imports and all); ``code`` (the
-        job's unpacked snapshot) goes on its ``PYTHONPATH`` and is its working directory."""
+        job's unpacked snapshot) goes on its ``PYTHONPATH`` and is its working directory;
+        ``env`` is added to its environment (a gang rank's variables)."""
         argv = [sys.executable, "-m", "workers.trainers.main", str(launch_file)]
         if code is None:
-            return cls(argv)
+            return cls(argv, declared=env)
         inherited = os.environ.get("PYTHONPATH", "")
         path = os.pathsep.join(p for p in (str(code), inherited) if p)
-        return cls(argv, cwd=code, declared={"PYTHONPATH": path})
+        return cls(argv, cwd=code, declared={**(env or {}), "PYTHONPATH": path})
 
     @classmethod
     def spare(cls, framework: str) -> TrainerProcess:

@@ -256,13 +256,13 @@ class JobSpec(_Strict):
             "description": "A training job. Give 'framework', an 'entrypoint' (custom "
             "trainer; its module must be under GPUFLEET_ENTRYPOINT_ALLOW) or a 'command' (only "
             "where GPUFLEET_COMMAND_JOBS=1). 'faults' only where GPUFLEET_FAULT_INJECTION=1. "
-            "gpu_count > 1 only with the torch trainer or an entrypoint.",
+            "gpu_count > 1 not with the TensorFlow trainer.",
             "anyOf": [
                 {"required": ["framework"], "properties": {"framework": {"type": "string"}}},
                 {"required": ["entrypoint"], "properties": {"entrypoint": {"type": "string"}}},
                 {"required": ["command"]},
             ],
-            # several GPUs: the torch trainer or an entrypoint (``_gang_shape``)
+            # several GPUs: not the TensorFlow trainer (``_gang_shape``)
             "allOf": [
                 {
                     "anyOf": [
@@ -271,11 +271,10 @@ class JobSpec(_Strict):
                                 "resources": {"properties": {"gpu_count": {"maximum": 1}}}
                             }
                         },
+                        {"properties": {"framework": {"not": {"const": "tensorflow"}}}},
                         {
-                            "properties": {
-                                "framework": {"not": {"const": "tensorflow"}},
-                                "command": {"type": "null"},
-                            }
+                            "required": ["command"],
+                            "properties": {"command": {"not": {"type": "null"}}},
                         },
                     ]
                 }
@@ -358,16 +357,12 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _gang_shape(self) -> Self:
-        """A job of several GPUs runs its trainer once per GPU (``workers.gang``)."""
+        """A job of several GPUs runs its trainer (or its command) once per GPU
+        (``workers.gang``)."""
         if self.resources.gpu_count == 1:
             return self
         n = self.resources.gpu_count
-        if self.command is not None:
-            raise ValueError(
-                f"gpu_count {n}: command jobs run on one GPU; multi-GPU jobs use the built-in "
-                "torch trainer or an entrypoint"
-            )
-        if self.effective_framework == "tensorflow":
+        if self.command is None and self.effective_framework == "tensorflow":
             raise ValueError(
                 f"gpu_count {n}: TensorFlow multi-GPU jobs (MirroredStrategy) are not "
                 "supported; use framework torch, or gpu_count 1"

@@ -42,14 +42,11 @@ def _gang(
     program = RANK_PROGRAM.format(messages=messages, sleeps=sleeps, codes=codes)
     env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
-    def spawn(argv: list[str], rank_env: dict[str, str]) -> TrainerProcess:
+    def spawn(rank_env: dict[str, str]) -> TrainerProcess:
         return TrainerProcess([sys.executable, "-c", program], declared={**env, **rank_env})
 
     return GangProcess.start(
-        tmp_path / "launch.json",
-        [f"sim-{r}" for r in range(len(codes))],
-        real_gpus=False,
-        spawn=spawn,
+        [f"sim-{r}" for r in range(len(codes))], real_gpus=False, rank_process=spawn
     )
 
 

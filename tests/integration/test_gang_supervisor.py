@@ -11,13 +11,21 @@ import time
 from typing import Any
 
 import pytest
+import torch
 from sqlalchemy import text
 
 from app.db import devices as device_rows
 from app.db.session import session_scope
 from app.settings import Settings
 from tests.conftest import device_record
-from tests.integration.test_supervisor import events, run_in_background, spec, submit, view
+from tests.integration.test_supervisor import (
+    events,
+    make_due,
+    run_in_background,
+    spec,
+    submit,
+    view,
+)
 from workers.gang_lease import sit_out
 from workers.identity import WorkerIdentity
 from workers.supervisor import Outcome, Supervisor
@@ -129,4 +137,44 @@ def test_a_members_lost_worker_fences_the_gang(host: Settings) -> None:
     # And the gang let its devices go, which ends the member's sitting out
     sitter.join(timeout=10)
     assert sat == [True]
+    assert _gang_rows(host) == {d: (None, None) for d in DEVICES}
+
+
+def test_a_command_gang_trains_like_one_process_and_resumes_bit_for_bit(host: Settings) -> None:
+    from tests.integration.test_command_jobs import COMMANDS, command_spec, weights
+
+    host = host.model_copy(update={"command_jobs": True})
+    script = str(COMMANDS / "ddp_train.py")
+    # Given the same data-parallel SDK script as a job of one GPU, of two, and of two that
+    # fails (transiently) at step 7, after its checkpoint at step 4
+    one = submit(host, command_spec(script))
+    two = submit(host, command_spec(script, resources={"gpu_count": 2}))
+    broken = command_spec(
+        script,
+        resources={"gpu_count": 2},
+        faults={"fail_at_step": 7, "fail_with": "transient"},
+    )
+    interrupted = submit(host, broken)
+    # When the leader runs them (the broken one twice: it is retried)
+    for job_id in (one, two):
+        assert Supervisor(host, LEADER).run(job_id) == Outcome.SUCCEEDED
+    assert Supervisor(host, LEADER).run(interrupted) == Outcome.REQUEUED
+    make_due(host, interrupted)
+    assert Supervisor(host, LEADER).run(interrupted) == Outcome.SUCCEEDED
+    # Then two ranks ran (each its shard) and trained what one process trains, within float
+    # summation order; rank 0 alone recorded checkpoints (one row per step)
+    log = _log(host, two)
+    assert "[rank 0] rank 0 of 2" in log and "[rank 1] rank 1 of 2" in log, log
+    w1, w2 = weights(host, one), weights(host, two)
+    for name in w1:
+        assert torch.allclose(w1[name], w2[name], atol=1e-6), (name, w1[name], w2[name])
+    with session_scope(host.database_url) as s:
+        steps = s.scalars(
+            text("SELECT step FROM checkpoints WHERE job_id = :j ORDER BY id"), {"j": two}
+        ).all()
+    assert steps == [4, 8, 12], steps
+    # and the interrupted gang resumed from step 4 to the uninterrupted gang's weights exactly
+    assert "[rank 1] rank 1 of 2 from step 4" in _log(host, interrupted)
+    w3 = weights(host, interrupted)
+    assert all(torch.equal(w2[name], w3[name]) for name in w2)
     assert _gang_rows(host) == {d: (None, None) for d in DEVICES}

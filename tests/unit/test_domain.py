@@ -95,7 +95,6 @@ def test_a_device_fits_a_job_that_lists_its_type() -> None:
         ({"framework": "jax"}, "framework"),
         ({"framework": "torch", "resources": {"gpu_count": 17}}, "gpu_count"),
         ({"framework": "tensorflow", "resources": {"gpu_count": 2}}, "TensorFlow multi-GPU"),
-        ({"command": "python t.py", "resources": {"gpu_count": 2}}, "command jobs run on one"),
         ({}, "framework"),
         ({"framework": "torch", "entrypoint": "os.system"}, "package.module:function"),
         ({"framework": "torch", "data": {"source": "file", "path": "../etc/x.npz"}}, ".."),
@@ -157,3 +156,8 @@ def test_a_gang_larger_than_every_host_is_refused_naming_the_largest() -> None:
     # An empty fleet may still be starting: nothing is refused for its size
     assert gangs.host_refusal(gpu_count=5, fitting_per_host={}, wanted="x") is None
     assert gangs.gang_refusal(gpu_count=1, fitting_per_host={}, wanted="x") is None
+
+
+def test_a_command_may_run_on_several_gpus_as_ranks() -> None:
+    spec = JobSpec.model_validate({"command": "python t.py", "resources": {"gpu_count": 2}})
+    assert spec.resources.gpu_count == 2 and spec.distributed_training

@@ -8,34 +8,17 @@ Backend: ``gloo`` on the CPU, ``nccl`` on CUDA. Each rank sees only its own GPU 
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from workers.trainers.ranks import Ranks
+
+__all__ = ["Ranks", "any_rank", "shard", "start", "stop", "total"]
+
 #: how long a rank waits for the others at the rendezvous (then it fails: infra).
 RENDEZVOUS_TIMEOUT = timedelta(seconds=60)
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int
-    world: int
-
-    @property
-    def leader(self) -> bool:
-        """Rank 0 writes checkpoints and the final model."""
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> Ranks:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        if not 0 <= rank < world:
-            raise ValueError(f"RANK {rank} is not below WORLD_SIZE {world}")
-        return cls(rank=rank, world=world)
 
 
 def start(ranks: Ranks, device: torch.device) -> torch.device:
