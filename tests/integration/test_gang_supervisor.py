@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -178,3 +180,46 @@ def test_a_command_gang_trains_like_one_process_and_resumes_bit_for_bit(host: Se
     w3 = weights(host, interrupted)
     assert all(torch.equal(w2[name], w3[name]) for name in w2)
     assert _gang_rows(host) == {d: (None, None) for d in DEVICES}
+
+
+WHO = b"""
+import os
+
+
+def train(ctx):
+    print(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} ran {__name__}", flush=True)
+    return {"final_loss": None, "model_path": "", "weights_sha256": ""}
+"""
+
+
+def test_a_gangs_entrypoint_from_its_snapshot_runs_on_every_rank(
+    host: Settings, tmp_path: Path
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.api.app import create_app
+    from tests.integration.api_support import ALICE, AUTH
+    from tests.integration.test_snapshots_api import tar_gz, upload
+
+    # Given a 2-GPU job whose entrypoint is in its own snapshot (a module on no allow-list)
+    snap = host.model_copy(
+        update={**AUTH, "command_jobs": True, "storage_root": tmp_path / "store"}
+    )
+    client = TestClient(create_app(snap))
+    status, body = upload(
+        client, tar_gz(("mygang/__init__.py", b""), ("mygang/who.py", WHO)), ALICE
+    )
+    assert status == 201, body
+    job = {
+        "entrypoint": "mygang.who:train",
+        "snapshot": body["id"],
+        "resources": {"gpu_count": 2},
+    }
+    created = client.post("/v1/jobs", json=job, headers=ALICE)
+    assert created.status_code == 201, created.text
+    job_id = uuid.UUID(created.json()["id"])
+    # When the leader runs it, then every rank imported the snapshot's code
+    assert Supervisor(snap, LEADER).run(job_id) == Outcome.SUCCEEDED
+    log = _log(snap, job_id)
+    for rank in (0, 1):
+        assert f"[rank {rank}] rank {rank} of 2 ran mygang.who" in log, log
