@@ -2,7 +2,8 @@
 fleet's statements grow from a small to a large history.
 
     .venv/bin/python bench/fleet_scale.py [--workers 1000] [--queued 1000 100000]
-                                          [--seconds 30] [--threads 8] [--pg HOST:PORT]
+                                          [--seconds 30] [--processes 4] [--threads 8]
+                                          [--pgbouncer] [--pg HOST:PORT]
 
 N simulated workers run the *real* ``app.db`` statements at the settings' intervals: claim
 (``acquire_lease`` of the next queued job, as if the broker had delivered it), the lease
@@ -14,9 +15,21 @@ turn every ``heartbeat_interval`` and a GPU sample every ``telemetry_interval``,
 runs, and the keeper writes (claim and sample, one statement) only while its device idles.
 ``--unfolded`` drives the earlier path instead, for comparison: the keeper renews the claim and
 reads the suspicion, and each sample reads the device's job and stores itself (each pair in one
-transaction here, in two before: the unfolded count is a floor). A scheduler
-hands each due write to a pool of ``--threads`` threads sharing one connection pool (a 2-core
-machine cannot run 1,000 worker processes), so a write that cannot keep up shows as *lag*.
+transaction here, in two before: the unfolded count is a floor).
+
+The simulated workers are spread over ``--processes`` forked processes (a 2-core machine cannot
+run 1,000 worker processes, and one Python process's threads could not keep 1,000 workers'
+intervals). In each, a scheduler hands each due write to a pool of ``--threads`` threads that
+share the process's connection pool, one write at a time per simulated worker (as its
+supervisor's single loop does). A real worker process holds at most one connection; here
+``--processes`` x ``--threads`` connections carry all the simulated workers, fewer than one
+per worker, so the fleet's *statements and transactions* are the real ones and its connection
+count is a lower bound that ``--pgbouncer`` replaces with PgBouncer's. A write that starts late
+shows as *lag*; the report says whether the simulator kept up (heartbeat lag p99 within a
+quarter interval and no backlog at the end) and flags a size where it did not.
+``--pgbouncer`` puts the fleet, reaper and API behind a PgBouncer in transaction mode
+(``tests/pgbouncer.py``'s starter, ``scripts/get-pgbouncer``'s binary) whose pool holds one
+server connection per 50 workers.
 A reaper (the real ``Reaper``, with a broker that holds every wake-up) passes every
 ``reaper_interval``, and an API thread reads get / list of 50 / fleet / metrics in turn.
 
@@ -32,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import multiprocessing
+import os
 import sys
 import tempfile
 import threading
@@ -57,7 +72,7 @@ from app.db import counters, leases  # noqa: E402
 from app.db import devices as device_rows  # noqa: E402
 from app.db import jobs as job_rows  # noqa: E402
 from app.db.fleet import fleet_summary  # noqa: E402
-from app.db.session import engine_for, session_scope  # noqa: E402
+from app.db.session import dispose_engines, engine_for, session_scope  # noqa: E402
 from app.domain.spec import JobSpec  # noqa: E402
 from app.domain.states import JobStatus, LeaseOutcome  # noqa: E402
 from app.settings import Settings  # noqa: E402
@@ -210,6 +225,7 @@ def fold_all(url: str) -> None:
 class Stats:
     latency: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     lag: list[float] = field(default_factory=list)
+    heartbeat_lag: list[float] = field(default_factory=list)
     checkpoints: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -242,15 +258,23 @@ class SimWorker:
 class Fleet:
     """Schedules every simulated worker's writes and runs them on a thread pool."""
 
-    def __init__(self, settings: Settings, args: argparse.Namespace, queued: deque[uuid.UUID]):
+    def __init__(
+        self,
+        settings: Settings,
+        args: argparse.Namespace,
+        queued: deque[uuid.UUID],
+        *,
+        first: int = 0,
+        count: int | None = None,
+    ):
         self.s = settings
         self.args = args
         self.queued = queued
         self.stats = Stats()
         shared = Path(tempfile.mkdtemp(prefix="fleet-scale-handoff-"))
         self.workers = [
-            SimWorker(index=i, name=f"sim-{i}@bench", device=f"GPU-sim-{i:05d}")
-            for i in range(args.workers)
+            SimWorker(index=i, name=f"sim-{first + i}@bench", device=f"GPU-sim-{first + i:05d}")
+            for i in range(args.workers if count is None else count)
         ]
         for w in self.workers:
             (shared / str(w.index)).mkdir()
@@ -273,7 +297,7 @@ class Fleet:
                 pci_bus_id=f"sim:{i}",
                 simulated=True,
             )
-            for i, w in enumerate(self.workers)
+            for i, w in ((int(w.device.rsplit("-", 1)[1]), w) for w in self.workers)
         ]
         with session_scope(self.s.database_url) as session:
             device_rows.register_devices(session=session, devices=records)
@@ -305,15 +329,20 @@ class Fleet:
             if at < 0:
                 time.sleep(min(0.005, max(0.0, due - time.monotonic())))
                 continue
-            self.stats.lag.append(time.monotonic() - at)
-            self.pool.submit(self.act, index, kind)
+            self.pool.submit(self.act, index, kind, at)
 
-    def act(self, index: int, tagged: str) -> None:
+    def act(self, index: int, tagged: str, due: float) -> None:
         w, s = self.workers[index], self.s
         kind, _, generation = tagged.partition("@")
         with w.lock:
             if generation and int(generation) != w.generation:
                 return  # a write of the worker's previous job
+            # how late the write starts: behind the scheduler, the pool's queue or the worker's
+            # previous write (a simulator that cannot keep up shows here, not as fewer writes)
+            late = time.monotonic() - due
+            self.stats.lag.append(late)
+            if kind == "heartbeat":
+                self.stats.heartbeat_lag.append(late)
             self._timed(w, kind, tagged, s)
 
     def _timed(self, w: SimWorker, kind: str, tagged: str, s: Settings) -> None:
@@ -456,6 +485,88 @@ def background(stop: threading.Event, every: float, fn: Any) -> threading.Thread
     return thread
 
 
+# ---------------------------------------------------------------- the worker processes
+
+
+def split(workers: int, processes: int) -> list[tuple[int, int]]:
+    """(first, count) of each process's share of the simulated workers."""
+    base, extra = divmod(workers, processes)
+    shares, first = [], 0
+    for n in range(processes):
+        count = base + (n < extra)
+        shares.append((first, count))
+        first += count
+    return shares
+
+
+def warmup(args: argparse.Namespace, settings: Settings) -> float:
+    if args.warmup is not None:
+        return float(args.warmup)
+    return min(settings.heartbeat_interval, args.seconds / 3)
+
+
+def simulate(
+    url: str,
+    args: argparse.Namespace,
+    first: int,
+    count: int,
+    ids: list[uuid.UUID],
+    ready: Any,
+    results: Any,
+) -> None:
+    """One process's share of the fleet: its workers claim and beat for the warm-up, wait
+    for every other process (and the parent's counters), then run ``--seconds`` measured."""
+    dispose_engines()  # the forked parent's pooled connections are not this process's
+    settings = Settings(database_url=url, broker_url="redis://127.0.0.1:1/0")
+    fleet = Fleet(settings, args, deque(ids), first=first, count=count)
+    fleet.register()
+    fleet.run(warmup(args, settings))
+    ready.wait()
+    # a job's claim mostly falls in the warm-up (jobs outlast a short run): kept for its p99
+    warm_claims = list(fleet.stats.latency.get("claim", []))
+    for values in (*fleet.stats.latency.values(), fleet.stats.lag, fleet.stats.heartbeat_lag):
+        values.clear()
+    fleet.stats.checkpoints = 0
+    running_at_start = sum(1 for w in fleet.workers if w.job is not None)
+    fleet.run(args.seconds)
+    # writes still waiting at the end, a quarter interval or more past due: a backlog
+    late = time.monotonic() - settings.heartbeat_interval / 4
+    with fleet.heap_lock:
+        overdue = sum(1 for at, _, _ in fleet.heap if at < late)
+    overdue += fleet.pool._work_queue.qsize()
+    fleet.close()
+    results.put(
+        {
+            "latency": dict(fleet.stats.latency),
+            "lag": fleet.stats.lag,
+            "heartbeat_lag": fleet.stats.heartbeat_lag,
+            "checkpoints": fleet.stats.checkpoints,
+            "running": sum(1 for w in fleet.workers if w.job is not None),
+            "running_at_start": running_at_start,
+            "overdue": overdue,
+            "warm_claims": warm_claims,
+        }
+    )
+
+
+def merge(parts: list[dict[str, Any]]) -> Stats:
+    stats = Stats()
+    for part in parts:
+        for kind, values in part["latency"].items():
+            stats.latency[kind].extend(values)
+        stats.lag.extend(part["lag"])
+        stats.heartbeat_lag.extend(part["heartbeat_lag"])
+        stats.checkpoints += part["checkpoints"]
+    return stats
+
+
+def heartbeats_due(parts: list[dict[str, Any]], interval: float, elapsed: float) -> float:
+    """Lease heartbeats the running jobs owed in the measured window (about: jobs that end or
+    start inside it owe part of it)."""
+    running = sum((p["running"] + p["running_at_start"]) / 2 for p in parts)
+    return running * elapsed / interval
+
+
 # ---------------------------------------------------------------- one phase
 
 
@@ -470,8 +581,20 @@ def phase(url: str, dsn: str, dbname: str, args: argparse.Namespace, size: int) 
             )
         ]
         ended = conn.execute("SELECT id FROM jobs WHERE status = 'succeeded' LIMIT 1").fetchone()
-    fleet = Fleet(settings, args, deque(ids))
-    fleet.register()
+    # the simulated workers, in --processes processes forked before this one starts threads
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Barrier(args.processes + 1)
+    results: Any = ctx.Queue()
+    shares = split(args.workers, args.processes)
+    children = []
+    for n, (first, count) in enumerate(shares):
+        child = ctx.Process(
+            target=simulate,
+            args=(url, args, first, count, ids[n :: args.processes], ready, results),
+            daemon=True,
+        )
+        child.start()
+        children.append(child)
     stop = threading.Event()
     api: dict[str, list[float]] = defaultdict(list)
     reaper_passes: list[float] = []
@@ -508,12 +631,7 @@ def phase(url: str, dsn: str, dbname: str, args: argparse.Namespace, size: int) 
         background(stop, settings.reaper_interval, reap),
         background(stop, args.api_every, read_api),
     ]
-    warm = (
-        args.warmup
-        if args.warmup is not None
-        else min(settings.heartbeat_interval, args.seconds / 3)
-    )
-    fleet.run(warm)  # every worker claims and heartbeats once before measuring
+    ready.wait(timeout=warmup(args, settings) + 600)  # every worker claimed and beat once
 
     def commits() -> int:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -536,19 +654,20 @@ def phase(url: str, dsn: str, dbname: str, args: argparse.Namespace, size: int) 
         connections.append(int(row[0]) if row else 0)
 
     threads.append(background(sampler_stop, 1.0, sample_connections))
-    for values in (*fleet.stats.latency.values(), fleet.stats.lag, *api.values(), reaper_passes):
+    for values in (*api.values(), reaper_passes):
         values.clear()
-    fleet.stats.checkpoints = 0
     before, started = commits(), time.monotonic()
-    fleet.run(args.seconds)
+    parts = [results.get(timeout=args.seconds + 600) for _ in children]
     elapsed = time.monotonic() - started
     after = commits()
+    for child in children:
+        child.join(timeout=60)
+    stats = merge(parts)
     sampler_stop.set()
     stop.set()
     for t in threads:
         t.join(timeout=60)
-    fleet.close()
-    running = sum(1 for w in fleet.workers if w.job is not None)
+    running = sum(part["running"] for part in parts)
     # unfolded, each GPU sample is a transaction of its own
     in_memory = IN_MEMORY - {"telemetry"} if args.unfolded else IN_MEMORY
     return {
@@ -556,14 +675,18 @@ def phase(url: str, dsn: str, dbname: str, args: argparse.Namespace, size: int) 
         "tps": (after - before) / elapsed,
         "connections": max(connections or [0]),
         "running": running,
-        "checkpoints_per_s": fleet.stats.checkpoints / elapsed,
+        "checkpoints_per_s": stats.checkpoints / elapsed,
         # the fleet's own transactions (the API's reads and the reaper's are not counted)
-        "fleet_tps": sum(len(v) for k, v in fleet.stats.latency.items() if k not in in_memory)
-        / elapsed,
+        "fleet_tps": sum(len(v) for k, v in stats.latency.items() if k not in in_memory) / elapsed,
         # of which a job's start and end (one each per job, whatever its length)
-        "churn_tps": sum(len(fleet.stats.latency.get(k, [])) for k in CHURN) / elapsed,
-        "latency": {k: list(v) for k, v in fleet.stats.latency.items()},
-        "lag_p99": pct(fleet.stats.lag, 0.99),
+        "churn_tps": sum(len(stats.latency.get(k, [])) for k in CHURN) / elapsed,
+        "latency": {k: list(v) for k, v in stats.latency.items()},
+        "lag_p99": pct(stats.lag, 0.99),
+        "heartbeat_lag": list(stats.heartbeat_lag),
+        "heartbeats_due": heartbeats_due(parts, settings.heartbeat_interval, elapsed),
+        "overdue": sum(part["overdue"] for part in parts),
+        "claims": [t for part in parts for t in part["warm_claims"]] + stats.latency["claim"],
+        "workers": args.workers,
         "reaper": reaper_passes,
         "api": dict(api),
         "pool": args.threads,
@@ -594,8 +717,17 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, hb: float) -
             print(
                 f"{'api ' + kind:<18}{len(values):>7}{ms(pct(values, 0.5))}{ms(pct(values, 0.99))}"
             )
+        c = r["claims"]
+        print(f"{'claim (+ warm-up)':<18}{len(c):>7}{ms(pct(c, 0.5))}{ms(pct(c, 0.99))}")
         p = r["reaper"]
         print(f"{'reaper pass':<18}{len(p):>7}{ms(pct(p, 0.5))}{ms(max(p or [float('nan')]))}")
+        lag, done = r["heartbeat_lag"], len(r["latency"].get("heartbeat", []))
+        kept = kept_up(r)
+        print(
+            f"heartbeats {done} (~{r['heartbeats_due']:.0f} owed), lag p50 {ms(pct(lag, 0.5))} ms"
+            f" p99 {ms(pct(lag, 0.99))} ms, writes overdue at the end {r['overdue']}: "
+            + ("the simulator kept up" if kept else "THE SIMULATOR FELL BEHIND: figures understate")
+        )
 
     def growth(get: Any) -> float:
         try:
@@ -608,7 +740,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, hb: float) -
 
     print(f"\n== growth {first['size']:,} -> {last['size']:,} queued (target beside it)")
     rows = [
-        ("claim p99", growth(p99("claim")), "<= 2x"),
+        ("claim p99", growth(lambda r: pct(r["claims"], 0.99)), "<= 2x"),
         ("api get p99", growth(p99("get", True)), "<= 2x"),
         ("api list p99", growth(p99("list", True)), "<= 2x"),
         ("api fleet p99", growth(p99("fleet", True)), "flat"),
@@ -628,10 +760,37 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, hb: float) -
         f"{'  + starts, ends':<18}{last['churn_tps']:8.1f}    (claims and finishes: one each"
         f" per job of --job-seconds {args.job_seconds:g}; {last['fleet_tps']:.1f} in all)"
     )
+    api_pools = 2 * settings_pool()
+    if args.pgbouncer:
+        target = f"<= {args.workers / 50:g} + {api_pools} (workers/50 + API and reaper pools)"
+    else:
+        target = f"<= {args.workers} (one per worker process)"
     print(
-        f"{'connections':<18}{last['connections']:8d}    (the simulated workers share a pool of"
-        f" {last['pool']}; one per worker process is set by the worker's engine)"
+        f"{'connections':<18}{last['connections']:8d}    target {target}; each of the"
+        f" {args.processes} simulating processes shares a pool of {last['pool']} threads"
+        + (f" through PgBouncer (pool of {bouncer_pool(args)})" if args.pgbouncer else "")
     )
+    behind = [r["size"] for r in results if not kept_up(r)]
+    if behind:
+        print(f"FLAGGED: the simulator fell behind at {behind} queued: read those as lower bounds")
+
+
+def kept_up(r: dict[str, Any]) -> bool:
+    """Heartbeats started within a quarter interval of due (p99), and no backlog of writes a
+    quarter interval past due at the end (1 % of the workers allowed)."""
+    lag = r["heartbeat_lag"]
+    return bool(lag) and pct(lag, 0.99) <= r["heartbeat"] / 4 and r["overdue"] <= r["workers"] / 100
+
+
+def settings_pool() -> int:
+    from app.settings import get_settings
+
+    return get_settings().db_pool_size
+
+
+def bouncer_pool(args: argparse.Namespace) -> int:
+    """PgBouncer's server connections: one per 50 workers (the API and reaper share them)."""
+    return max(1, args.workers // 50)
 
 
 def main() -> None:
@@ -639,7 +798,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1000)
     parser.add_argument("--queued", type=int, nargs="+", default=[1000, 100000])
     parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument(
+        "--threads", type=int, default=8, help="threads (and connections) per simulating process"
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=max(1, min(8, (os.cpu_count() or 1) * 2)),
+        help="processes the simulated workers are spread over (default: 2 per core, up to 8)",
+    )
+    parser.add_argument(
+        "--pgbouncer",
+        action="store_true",
+        help="the fleet, reaper and API connect through a PgBouncer in transaction mode "
+        "(tests/pgbouncer.py; scripts/get-pgbouncer)",
+    )
     parser.add_argument("--progress-every", type=float, default=0.5)
     parser.add_argument("--checkpoint-every", type=float, default=60.0)
     parser.add_argument("--job-seconds", type=float, default=120.0)
@@ -658,8 +831,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     address, server = start_postgres(args)
+    bouncer = None
     results = []
     try:
+        if args.pgbouncer:
+            bouncer = start_bouncer(args, address, own=server is not None)
         for size in sorted(args.queued):
             dbname, url = create_database(address)
             started = time.monotonic()
@@ -667,11 +843,40 @@ def main() -> None:
             print(
                 f"seeded {size:,} + {size:,} jobs in {time.monotonic() - started:.1f}s", flush=True
             )
+            if bouncer is not None:  # the fleet, reaper and API through it; seeding direct
+                url = url.replace(address, f"{bouncer.host}:{bouncer.port}")
             results.append(phase(url, admin_dsn(address, dbname), dbname, args, size))
         report(results, args, results[0]["heartbeat"])
     finally:
+        if bouncer is not None:
+            bouncer.stop()
         if server is not None:
             server.stop()
+
+
+def start_bouncer(args: argparse.Namespace, address: str, *, own: bool) -> Any:
+    """The suite's PgBouncer starter in front of ``address``. PgBouncer drops the timeouts
+    that the engine sends as startup options, so on a Postgres of its own the bench puts them
+    on the role, as the deployment notes say; a Postgres given with ``--pg`` is left as it is
+    (its role's settings are not the bench's to change)."""
+    from app.settings import get_settings
+    from tests.pgbouncer import EmbeddedPgBouncer, role_timeouts
+
+    host, _, port = address.rpartition(":")
+    if own:
+        s = get_settings()
+        role_timeouts(
+            admin_dsn(address),
+            statement_timeout_s=s.db_statement_timeout,
+            lock_timeout_s=s.db_lock_timeout,
+        )
+    bouncer = EmbeddedPgBouncer(
+        Path(tempfile.mkdtemp(prefix="fleet-scale-pgbouncer-")),
+        pg_host=host,
+        pg_port=int(port),
+        pool_size=bouncer_pool(args),
+    )
+    return bouncer.start()
 
 
 if __name__ == "__main__":
