@@ -25,10 +25,9 @@ from app.settings import Settings, admin_digests, hash_token, token_digests
 
 DEFAULT_TENANT = "default"
 
-bearer = HTTPBearer(
-    auto_error=False,
-    description="A tenant token (GPUFLEET_API_TOKENS), an admin token (GPUFLEET_ADMIN_TOKENS) "
-    "or, for /metrics only, GPUFLEET_METRICS_TOKEN.",
+_BEARER_TEXT = (
+    "A tenant token (GPUFLEET_API_TOKENS), an admin token (GPUFLEET_ADMIN_TOKENS) "
+    "or, for /metrics only, GPUFLEET_METRICS_TOKEN."
 )
 
 
@@ -158,25 +157,26 @@ def _caller(request: Request, credentials: HTTPAuthorizationCredentials | None) 
     return auth.caller(None if credentials is None else credentials.credentials)
 
 
-async def any_caller(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None,
-) -> Caller:
-    """Whoever holds a known token, the metrics token included."""
-    return _caller(request, credentials)
+class _CallerBearer(HTTPBearer):
+    """The bearer scheme and the token check in one dependency: the scheme still documents
+    itself in OpenAPI (as ``HTTPBearer``), and a request solves one dependency for its caller
+    instead of two (every request solves it; each level costs more than the check)."""
+
+    def __init__(self, *, tenant_only: bool) -> None:
+        super().__init__(auto_error=False, scheme_name="HTTPBearer", description=_BEARER_TEXT)
+        self.tenant_only = tenant_only
+
+    async def __call__(self, request: Request) -> Caller:  # type: ignore[override]
+        caller = _caller(request, await super().__call__(request))
+        if self.tenant_only and caller.metrics_only:
+            raise ApiError(403, "forbidden", "the metrics token reads /metrics only")
+        return caller
 
 
-async def get_caller(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None,
-) -> Caller:
-    """A tenant or an admin (one dependency level fewer than through ``any_caller``: every
-    request solves it)."""
-    caller = _caller(request, credentials)
-    if caller.metrics_only:
-        raise ApiError(403, "forbidden", "the metrics token reads /metrics only")
-    return caller
-
+#: whoever holds a known token, the metrics token included.
+any_caller = _CallerBearer(tenant_only=False)
+#: a tenant or an admin.
+get_caller = _CallerBearer(tenant_only=True)
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
