@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     #: how long a worker of a scarce GPU type lets a job that a more plentiful, idle type also
     #: fits wait for that type before it takes the job itself (0: never defer).
     scarce_defer_s: float = Field(default=1.5, ge=0, le=60)
+    #: how long a worker on a poor host for a job (a single-GPU job on a host that could hold a
+    #: gang, a gang on a host with more free devices than it needs) lets a better host take it
+    #: before it takes the job itself (0: never defer; ``app.domain.fragmentation``).
+    placement_defer_s: float = Field(default=1.5, ge=0, le=60)
     #: how long a worker woken for a gang that does not fit yet keeps its host's devices idle
     #: for it as they free (reserved: single-GPU jobs stay off them), at most (0: never hold).
     gang_hold_s: float = Field(default=120.0, ge=0, le=3600)

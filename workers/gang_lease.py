@@ -1,14 +1,15 @@
 """A worker's part in gangs (jobs of ``gpu_count`` > 1) around the lease: lead one, or sit one
 out.
 
-- :func:`win`: the worker that took a gang job's wake-up leads it if its own host has the
-  devices now (``app.db.gangs.acquire_gang``: its own device and N-1 more of its host, all or
-  nothing). If not, and another host could hold the gang now, it passes the wake-up on at once.
-  If no host can, the worker of the host closest to holding it *holds*: it reserves N devices
-  of its host, busy ones included, so that no single-GPU job starts on them once they free
-  and a stream of single-GPU jobs cannot starve the gang, for at most
-  ``GPUFLEET_GANG_HOLD_S`` (then the devices go back and the reaper's outbox wakes the job
-  again later).
+- :func:`win`: the worker that took a gang job's wake-up first lets a host whose free count
+  fits the gang more tightly take it, for a bounded time (``workers.placement``); then it
+  leads it if its own host has the devices now (``app.db.gangs.acquire_gang``: its own device
+  and N-1 more of its host, all or nothing). If not, and another host could hold the gang
+  now, it passes the wake-up on at once. If no host can, the worker of the host closest to
+  holding it *holds*: it reserves N devices of its host, busy ones included, so that no
+  single-GPU job starts on them once they free and a stream of single-GPU jobs cannot starve
+  the gang, for at most ``GPUFLEET_GANG_HOLD_S`` (then the devices go back and the reaper's
+  outbox wakes the job again later).
 - :func:`sit_out`: a worker whose device another worker's gang holds (or a waiting gang has
   reserved) is still consuming its queues; a wake-up it takes meanwhile is handed back (it
   cannot lease) and it stays inside the task, taking nothing, until its device is let go. So
@@ -33,6 +34,7 @@ from app.queue import Dispatcher
 from app.settings import Settings
 from workers import drain
 from workers.identity import WorkerIdentity
+from workers.placement import defer_gang
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,11 @@ def win(settings: Settings, identity: WorkerIdentity, job_id: uuid.UUID) -> Leas
         return None
     with session_scope(settings.database_url) as session:
         request = gangs.gang_request(session=session, job_id=job_id)
-        if request is None:
-            return None
+    if request is None:
+        return None
+    if defer_gang(settings, job_id, request):
+        return None  # a host that fits it more tightly took it
+    with session_scope(settings.database_url) as session:
         grant = _acquire(session, settings, identity, job_id, request)
         if grant is not None:
             return grant

@@ -8,6 +8,7 @@ import uuid
 from app.settings import get_settings
 from workers import gang_lease, identity
 from workers.deferral import defer_if_scarce
+from workers.placement import defer_single
 from workers.supervisor import Outcome, Supervisor
 from workers.warm_spare import WarmSpare
 
@@ -35,6 +36,8 @@ def run_job_now(job_id: str) -> str:
     worker = identity.current()
     if defer_if_scarce(settings, worker.device_uuid, parsed):
         return "skipped"  # a device of a more plentiful type took it
+    if defer_single(settings, worker.device_uuid, parsed):
+        return "skipped"  # a host whose free devices could hold no gang took it
     spare = SPARE if settings.warm_spare else None
     if spare is not None:
         spare.configure(settings.trainer_start)

@@ -82,3 +82,25 @@ def device_type(*, session: Session, uuid_: str) -> tuple[str, float] | None:
         text("SELECT gpu_type, memory_bytes FROM devices WHERE uuid = :uuid"), {"uuid": uuid_}
     ).one_or_none()
     return None if row is None else (row.gpu_type, row.memory_bytes / 2**30)
+
+
+def smallest_gang(*, session: Session, gpu_type: str, window_s: float) -> int | None:
+    """The smallest ``gpu_count`` (over 1) of the gang jobs a device of ``gpu_type`` fits that
+    were submitted in the last ``window_s`` seconds, queued or not, or None
+    (``app.domain.fragmentation``: the gang size a single-GPU job keeps room for). A range of
+    ``ix_jobs_created``, never a scan of every queued job; a gang waiting for longer than that
+    is protected by its reservation (``GPUFLEET_GANG_HOLD_S``) instead."""
+    found: int | None = session.scalar(
+        text(
+            """
+            SELECT min((spec->'resources'->>'gpu_count')::int) FROM jobs
+             WHERE created_at > now() - make_interval(secs => :window)
+               AND coalesce((spec->'resources'->>'gpu_count')::int, 1) > 1
+               AND (spec->'resources'->'gpu_type' IS NULL
+                    OR spec->'resources'->'gpu_type' @> to_jsonb(CAST(:any AS text))
+                    OR spec->'resources'->'gpu_type' @> to_jsonb(CAST(:type AS text)))
+            """
+        ),
+        {"window": window_s, "any": ANY_TYPE, "type": gpu_type},
+    )
+    return found
