@@ -14,6 +14,9 @@ from sqlalchemy.pool import NullPool
 from app.settings import get_settings
 
 _factories: dict[str, sessionmaker[Session]] = {}
+#: autocommit session factories, by the engine they share a pool with (a test that drops a
+#: database forgets its engine in ``_factories``; the next one gets a reader of its own).
+_readers: dict[Engine, sessionmaker[Session]] = {}
 
 #: a pooled connection idle for longer than this is pinged before use.
 PING_IDLE_S = 1.0
@@ -98,6 +101,21 @@ def session_scope(url: str) -> Iterator[Session]:
 def open_session(url: str) -> Iterator[Session]:
     """A session the caller commits itself (the API commits before it dispatches)."""
     with _factory(url)() as session:
+        yield session
+
+
+@contextmanager
+def read_session(url: str) -> Iterator[Session]:
+    """A session in autocommit, for a read of one statement: each statement sees its own
+    snapshot, and there is no BEGIN or ROLLBACK round trip around it (two of a job read's
+    three). The same pool as ``open_session`` (psycopg's autocommit is a client-side flag,
+    reset when the connection goes back)."""
+    engine = engine_for(url)
+    factory = _readers.get(engine)
+    if factory is None:
+        reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        factory = _readers[engine] = sessionmaker(reader, expire_on_commit=False)
+    with factory() as session:
         yield session
 
 

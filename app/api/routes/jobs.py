@@ -38,7 +38,7 @@ from app.db.devices import list_devices
 from app.db.events import list_events
 from app.db.hosts import fitting_per_host
 from app.db.logs import LogChunk, read_log_page, read_logs
-from app.db.session import open_session, session_scope
+from app.db.session import open_session, read_session, session_scope
 from app.domain.gangs import gang_refusal
 from app.domain.routing import RoutingError, describe_types, device_fits
 from app.domain.spec import JobSpec, SpecPolicyError, check_policy
@@ -328,7 +328,9 @@ def get_job(job_id: JobIdPath, request: Request, caller: CallerDep) -> Response:
     # The settings from the app, not through a dependency: the busiest read solves no more
     # dependencies than it must (the caller, and the router's query check).
     settings: Settings = request.app.state.settings
-    with open_session(settings.database_url) as session:
+    # Autocommit: the job's one statement (two with a short id, which never changes) without
+    # the BEGIN and ROLLBACK round trips around it.
+    with read_session(settings.database_url) as session:
         try:
             parsed = uuid.UUID(job_id)  # a full id: one statement, scoped to the tenant
         except ValueError:
