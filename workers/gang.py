@@ -149,6 +149,10 @@ class GangProcess:
         for rank in self.ranks:
             rank.ask_stop()
 
+    def exit_fd(self) -> int | None:
+        """None: a gang's end is seen at the loop's tick (its ranks end one by one)."""
+        return None
+
     def signal_group(self, sig: signal.Signals) -> None:
         for rank in self.ranks:
             rank.signal_group(sig)

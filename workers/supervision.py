@@ -51,6 +51,9 @@ class Trainer(Protocol):
     def signal_group(self, sig: signal.Signals) -> None: ...
     def kill(self) -> int: ...
     def close(self) -> None: ...
+    def exit_fd(self) -> int | None:
+        """A new descriptor, readable once the trainer has exited, that the caller closes; or
+        None (the loop then sees the exit at its next tick)."""
 
 
 class Heartbeat:

@@ -180,6 +180,19 @@ class TrainerProcess:
         self.signal_group(signal.SIGKILL)
         return self.proc.wait()
 
+    def exit_fd(self) -> int | None:
+        """A pidfd of the process (readable once it has exited), for the watch loop to wake at
+        the exit instead of at its next tick: the end of output comes before the exit, and the
+        GPU stayed leased until that tick (up to ``watch.TICK_S`` after every job)."""
+        proc = self.proc
+        # (a reaped process's pid may be someone else's by now)
+        if not isinstance(proc, subprocess.Popen) or proc.returncode is not None:
+            return None
+        try:
+            return os.pidfd_open(proc.pid)
+        except OSError:  # gone already, or no pidfd here: the tick sees it
+            return None
+
     def close(self) -> None:
         """After the run: nothing of the group may outlive it, and the pipes are closed."""
         self.signal_group(signal.SIGKILL)

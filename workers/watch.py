@@ -41,6 +41,8 @@ TICK_S = 0.5
 CHECK_S = 0.1
 #: after the trainer exits, how long its remaining output may take to arrive.
 DRAIN_OUTPUT_S = 2.0
+#: the selector key data of the trainer's exit descriptor (``Trainer.exit_fd``): never read.
+EXITED = "exited"
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,11 @@ def watch(trainer: Trainer, writer: LeaseWriter, cfg: WatchSettings) -> TrainerR
     sel = selectors.DefaultSelector()
     for fd in streams:
         sel.register(fd, selectors.EVENT_READ)
+    # The trainer's output ends a moment before its exit can be reaped: without this the loop
+    # then slept to its next tick with the GPU still leased (~0.4 s a job in bench/replay.py).
+    exited = trainer.exit_fd()
+    if exited is not None:
+        sel.register(exited, selectors.EVENT_READ, EXITED)
     deadline.start()
     try:
         next_check = 0.0
@@ -115,6 +122,8 @@ def watch(trainer: Trainer, writer: LeaseWriter, cfg: WatchSettings) -> TrainerR
                     escalation.begin(reason)
             escalation.tick()
         # The trainer has exited: end what it left behind, then take its last words.
+        if exited is not None and exited in sel.get_map():
+            sel.unregister(exited)
         trainer.signal_group(signal.SIGKILL)
         until = time.monotonic() + DRAIN_OUTPUT_S
         while sel.get_map() and time.monotonic() < until:
@@ -129,6 +138,8 @@ def watch(trainer: Trainer, writer: LeaseWriter, cfg: WatchSettings) -> TrainerR
         deadline.join()
         sync.close()
         sel.close()
+        if exited is not None:
+            os.close(exited)
         cancel.close()
         exit_code = trainer.kill()
         trainer.close()
@@ -154,6 +165,9 @@ def _finish_uploads(sync: CheckpointSync, heartbeat: Heartbeat) -> None:
 
 def _read(sel: selectors.BaseSelector, streams: dict[int, Feed], *, timeout: float) -> None:
     for key, _ in sel.select(max(timeout, 0.0)):
+        if key.data == EXITED:  # the caller's poll() takes the exit code
+            sel.unregister(key.fd)
+            continue
         chunk = os.read(key.fd, 65536)
         if chunk:
             streams[key.fd](chunk)

@@ -102,6 +102,13 @@ class ForkedTrainer(TrainerProcess):
         self.control = os.fdopen(control_r, "rb", buffering=0)
         self.output = os.fdopen(out_r, "rb")
 
+    def exit_fd(self) -> int | None:
+        """The status pipe (a copy): readable once the zygote reports the exit."""
+        proc = self.proc
+        if not isinstance(proc, ForkedChild) or proc.returncode is not None:
+            return None
+        return os.dup(proc.status)
+
     def close(self) -> None:
         # End of file first: a spare that is not in its process group yet exits on it.
         stdin = self.proc.stdin

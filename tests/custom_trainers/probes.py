@@ -68,8 +68,10 @@ def sleep_steps(ctx: TrainContext) -> dict[str, Any]:
 def report_process(ctx: TrainContext) -> dict[str, Any]:
     """Print the process's pid, parent, whole environment and torch's thread count
     (``tests/integration/test_zygote.py``: a forked trainer is a spawned one's equal)."""
+    import random
     import sys
 
+    import numpy
     import torch
 
     facts = {
@@ -78,6 +80,10 @@ def report_process(ctx: TrainContext) -> dict[str, Any]:
         "env": dict(os.environ),
         "threads": torch.get_num_threads(),
         "preloaded": "torch" in sys.modules,
+        # unseeded draws from the global generators, as code that sets no seed would make them
+        "random": random.random(),
+        "numpy_random": float(numpy.random.random()),
+        "torch_initial_seed": torch.initial_seed(),
     }
     print("PROCESS " + json.dumps(facts), flush=True)
     return _result(ctx)

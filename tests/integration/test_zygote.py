@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from tests.integration.test_supervisor import (
     submit,
     view,
 )
+from workers import watch
 from workers.supervisor import Outcome, Supervisor
 from workers.trainers.protocol import CONTROL_FD_ENV
 from workers.warm_spare import WarmSpare
@@ -183,3 +185,57 @@ def test_a_stale_zygote_is_replaced(
         assert zygote.pid not in (None, first, second)
     finally:
         os.utime(warm.__file__, None)
+
+
+def test_the_supervisor_sees_a_forked_trainer_s_exit_at_once_not_at_its_next_tick(
+    allowed: Settings, forking: WarmSpare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the loop's tick and the heartbeat a minute away, only the trainer's exit descriptor
+    # can wake the loop: without it this run lasts a minute (the GPU leased all along).
+    monkeypatch.setattr(watch, "TICK_S", 60.0)
+    slow_ticks = allowed.model_copy(update={"heartbeat_interval": 60.0, "lease_ttl": 180})
+    job_id = submit(
+        slow_ticks,
+        spec(
+            entrypoint="tests.custom_trainers.probes:sleep_steps",
+            training={"max_steps": 5, "epochs": 1},
+        ),
+    )
+    started = time.monotonic()
+    assert Supervisor(slow_ticks, IDENTITY, spare=forking).run(job_id) == Outcome.SUCCEEDED
+    assert time.monotonic() - started < 30.0
+    assert view(slow_ticks, job_id)["status"] == "succeeded"
+
+
+def test_a_forked_trainer_s_exit_descriptor_is_readable_once_it_has_exited(
+    forking: WarmSpare,
+) -> None:
+    trainer = forking.trainer
+    assert trainer is not None
+    forking.trainer = None  # this test's, not the next job's
+    exited = trainer.exit_fd()
+    assert exited is not None
+    try:
+        assert select.select([exited], [], [], 0)[0] == []  # a spare waits for its launch
+        trainer.signal_group(signal.SIGKILL)
+        assert select.select([exited], [], [], READY_S)[0] == [exited]
+        assert trainer.poll() == -signal.SIGKILL
+    finally:
+        os.close(exited)
+        trainer.close()
+
+
+def test_forked_trainers_draw_fresh_randomness_as_spawned_ones_do(
+    allowed: Settings, forking: WarmSpare
+) -> None:
+    # Given two jobs, neither seeding the global generators, in trainers forked from one zygote
+    first = run_probe(allowed, forking)
+    second = run_probe(allowed, forking)
+    assert forking.zygote is not None
+    assert first["ppid"] == second["ppid"] == forking.zygote.pid
+    # Then Python's, numpy's and torch's generators are seeded afresh in each, as in a fresh
+    # interpreter, not left in the zygote's state (a job's own seed still makes a run exact:
+    # test_a_run_resumed_on_the_fork_path_ends_bit_identical_to_an_uninterrupted_one)
+    assert first["random"] != second["random"]
+    assert first["numpy_random"] != second["numpy_random"]
+    assert first["torch_initial_seed"] != second["torch_initial_seed"]

@@ -194,9 +194,12 @@ class Zygote:
 def fresh_process_state() -> None:
     """Global random state and thread counts as a freshly spawned trainer has them.
 
-    A spawned interpreter seeds Python's and numpy's global generators from the OS and torch's
-    from its fixed default seed; a forked one would share the zygote's. The trainers seed
-    all three from the job's seed before drawing, so this only matters for code that does not.
+    A spawned interpreter seeds Python's, numpy's and torch's global generators from the OS; a
+    forked one would share the zygote's state, so every job without a seed of its own would draw
+    the same numbers. The trainers seed all three from the job's seed before drawing, so this
+    only matters for code that does not. (Python's string-hash secret is fixed at interpreter
+    start and cannot be drawn afresh: forked trainers share the zygote's unless the worker sets
+    ``PYTHONHASHSEED``, which they then all get, as spawned ones would.)
     """
     random.seed()
     numpy = sys.modules.get("numpy")
@@ -204,7 +207,7 @@ def fresh_process_state() -> None:
         numpy.random.seed()
     torch = sys.modules.get("torch")
     if torch is not None:
-        torch.default_generator.manual_seed(torch.initial_seed())
+        torch.default_generator.seed()  # (the CPU generator: no CUDA is touched)
         threads = os.environ.get("OMP_NUM_THREADS", "").strip()
         if threads.isdigit() and int(threads) > 0:
             torch.set_num_threads(int(threads))
