@@ -77,16 +77,12 @@ def defer_if_scarce(
         if target is None:
             return False
         queue, priority = target
-        sent = (send or _send(settings))(job_id, queue, priority)
+        sent = (send or wakeup_sender(settings))(job_id, queue, priority)
         if not sent:
             return False
         log.info("job %s: deferred to %s (a more plentiful idle GPU type fits)", job_id, queue)
-        deadline = time.monotonic() + settings.scarce_defer_s
-        while time.monotonic() < deadline:
-            time.sleep(POLL_S)
-            with session_scope(settings.database_url) as session:
-                if not placement.still_queued(session=session, job_id=job_id):
-                    return True
+        if taken_elsewhere(settings, job_id, settings.scarce_defer_s):
+            return True
     except SQLAlchemyError as exc:
         log.warning("job %s: placement check failed (%s); taking it here", job_id, exc)
         return False
@@ -99,7 +95,20 @@ def defer_if_scarce(
     return False
 
 
-def _send(settings: Settings) -> Callable[[uuid.UUID, str, int], bool]:
+def taken_elsewhere(settings: Settings, job_id: uuid.UUID, bound_s: float) -> bool:
+    """Wait at most ``bound_s`` for the job to leave the queue (another worker leased it, or it
+    was cancelled). SQLAlchemyError if the database cannot say: the caller takes the job."""
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        with session_scope(settings.database_url) as session:
+            if not placement.still_queued(session=session, job_id=job_id):
+                return True
+    return False
+
+
+def wakeup_sender(settings: Settings) -> Callable[[uuid.UUID, str, int], bool]:
+    """Send a job's wake-up to one queue (``Dispatcher.dispatch``)."""
     dispatcher = _dispatcher(settings)
     return lambda job_id, queue, priority: dispatcher.dispatch(
         job_id=job_id, queue=queue, priority=priority

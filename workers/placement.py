@@ -12,7 +12,6 @@ preference, never a reason not to run.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable
 
@@ -22,7 +21,7 @@ from app.db import gangs, placement
 from app.db.session import session_scope
 from app.domain.fragmentation import GANG_WINDOW_S, gang_defers_to, single_defers_to
 from app.settings import Settings
-from workers.deferral import POLL_S, _dispatcher
+from workers.deferral import taken_elsewhere, wakeup_sender
 
 log = logging.getLogger(__name__)
 
@@ -100,25 +99,14 @@ def _defer(
 ) -> bool:
     """Send the wake-up again and wait (bounded) for the job to leave the queue."""
     queue, priority = wakeup
-    if not (send or _send(settings))(job_id, queue, priority):
+    if not (send or wakeup_sender(settings))(job_id, queue, priority):
         return False
     log.info("job %s: deferred (%s)", job_id, why)
-    deadline = time.monotonic() + settings.placement_defer_s
-    while time.monotonic() < deadline:
-        time.sleep(POLL_S)
-        with session_scope(settings.database_url) as session:
-            if not placement.still_queued(session=session, job_id=job_id):
-                return True
+    if taken_elsewhere(settings, job_id, settings.placement_defer_s):
+        return True
     log.info(
         "job %s: no better host took it in %.1fs; taking it here",
         job_id,
         settings.placement_defer_s,
     )
     return False
-
-
-def _send(settings: Settings) -> Send:
-    dispatcher = _dispatcher(settings)
-    return lambda job_id, queue, priority: dispatcher.dispatch(
-        job_id=job_id, queue=queue, priority=priority
-    )
