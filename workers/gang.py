@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import IO, BinaryIO
 
+from app.domain.spec import JobSpec
 from workers.trainer_process import TrainerProcess
 from workers.trainers import protocol
 
@@ -60,6 +61,19 @@ def rank_environment(
     if real_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     return env
+
+
+def replicas_in_one_process(spec: JobSpec) -> bool:
+    """Whether a gang's devices are one trainer process's replicas rather than N ranks: the
+    built-in TensorFlow trainer mirrors the model on each GPU it sees (MirroredStrategy,
+    ``workers.trainers.tf_replicas``); everything else runs a rank per GPU."""
+    return spec.command is None and spec.entrypoint is None and spec.framework == "tensorflow"
+
+
+def replica_environment(devices: Sequence[str], *, real_gpus: bool) -> dict[str, str]:
+    """The one process of a replicated gang sees every device of the gang (by UUID, the
+    leader's first); simulated devices set no CUDA variable."""
+    return {"CUDA_VISIBLE_DEVICES": ",".join(devices)} if real_gpus else {}
 
 
 def free_port() -> int:

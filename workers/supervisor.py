@@ -37,7 +37,12 @@ from app.settings import Settings
 from app.storage import Store, is_remote, open_store
 from workers import artifacts, command_job, gang_lease
 from workers.checkpoint_sync import prepare_resume
-from workers.gang import GangProcess, leader_first
+from workers.gang import (
+    GangProcess,
+    leader_first,
+    replica_environment,
+    replicas_in_one_process,
+)
 from workers.handoff import Handoff
 from workers.identity import WorkerIdentity
 from workers.lease_writer import LeaseWriter
@@ -327,6 +332,9 @@ class Supervisor:
                 code.mkdir()
                 if (refused := command_job.unpack_snapshot(snapshot, code)) is not None:
                     return refused
+            if gang is not None and replicas_in_one_process(spec):
+                env = replica_environment(gang, real_gpus=self.identity.cuda)
+                return watch(TrainerProcess.cold(launch_file, code=code, env=env), writer, cfg)
             if gang is not None:
                 ranks = GangProcess.start(
                     gang,

@@ -256,13 +256,14 @@ class JobSpec(_Strict):
             "description": "A training job. Give 'framework', an 'entrypoint' (custom "
             "trainer; its module must be under GPUFLEET_ENTRYPOINT_ALLOW) or a 'command' (only "
             "where GPUFLEET_COMMAND_JOBS=1). 'faults' only where GPUFLEET_FAULT_INJECTION=1. "
-            "gpu_count > 1 not with the TensorFlow trainer.",
+            "gpu_count > 1 not with a custom TensorFlow trainer (framework tensorflow with an "
+            "entrypoint).",
             "anyOf": [
                 {"required": ["framework"], "properties": {"framework": {"type": "string"}}},
                 {"required": ["entrypoint"], "properties": {"entrypoint": {"type": "string"}}},
                 {"required": ["command"]},
             ],
-            # several GPUs: not the TensorFlow trainer (``_gang_shape``)
+            # several GPUs: not a custom TensorFlow trainer (``_gang_shape``)
             "allOf": [
                 {
                     "anyOf": [
@@ -272,10 +273,8 @@ class JobSpec(_Strict):
                             }
                         },
                         {"properties": {"framework": {"not": {"const": "tensorflow"}}}},
-                        {
-                            "required": ["command"],
-                            "properties": {"command": {"not": {"type": "null"}}},
-                        },
+                        {"not": {"required": ["entrypoint"]}},
+                        {"properties": {"entrypoint": {"type": "null"}}},
                     ]
                 }
             ],
@@ -362,10 +361,11 @@ class JobSpec(_Strict):
         if self.resources.gpu_count == 1:
             return self
         n = self.resources.gpu_count
-        if self.command is None and self.effective_framework == "tensorflow":
+        if self.entrypoint is not None and self.effective_framework == "tensorflow":
             raise ValueError(
-                f"gpu_count {n}: TensorFlow multi-GPU jobs (MirroredStrategy) are not "
-                "supported; use framework torch, or gpu_count 1"
+                f"gpu_count {n}: a custom TensorFlow trainer of several GPUs is not supported "
+                "(the built-in TensorFlow trainer runs them with MirroredStrategy; a custom "
+                "trainer of several GPUs runs as torch.distributed ranks: framework torch)"
             )
         return self
 

@@ -4,8 +4,7 @@ result).
 
 Skipped unless 2 CUDA devices are visible; run on such a machine with ``pytest -m gpu``. Each
 rank sees both GPUs (as a gang's ``CUDA_VISIBLE_DEVICES`` lists its members) and takes the one
-at its rank. TensorFlow multi-GPU (MirroredStrategy) is not built: submit refuses a TensorFlow
-job with ``gpu_count`` > 1 (422), on GPUs too.
+at its rank. TensorFlow's gang (one process, MirroredStrategy): ``test_tf_mirrored_gpu.py``.
 """
 
 from __future__ import annotations

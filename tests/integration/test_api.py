@@ -128,9 +128,13 @@ def test_idempotency_key(client: TestClient) -> None:
         (job_with(resources={"memory_gb": -4}), 422, "resources.memory_gb"),
         (job_with(framework="jax"), 422, "framework"),
         (
-            job_with(framework="tensorflow", resources={"gpu_count": 2}),
+            job_with(
+                framework="tensorflow",
+                entrypoint="tests.custom_trainers.tf:train",
+                resources={"gpu_count": 2},
+            ),
             422,
-            "TensorFlow multi-GPU jobs (MirroredStrategy) are not supported",
+            "a custom TensorFlow trainer of several GPUs is not supported",
         ),
         (job_with(resources={"memory_gb": 500}), 422, "largest GPU tier"),
         (job_with(faults={"oom_above_micro_batch": 64}), 422, "GPUFLEET_FAULT_INJECTION"),

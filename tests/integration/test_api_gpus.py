@@ -53,11 +53,16 @@ def test_a_gang_one_host_could_hold_is_accepted_as_distributed(client: TestClien
     response = client.post("/v1/jobs", json=job_with(resources={"gpu_count": 4}), headers=ALICE)
     assert response.status_code == 201, response.text
     assert response.json()["spec"]["distributed_training"] is True
-    # TensorFlow has no multi-GPU trainer here: a clear 422
+    # The built-in TensorFlow trainer takes several GPUs too (MirroredStrategy)...
     tf = job_with(framework="tensorflow", resources={"gpu_count": 2})
-    refused = client.post("/v1/jobs", json=tf, headers=ALICE)
+    accepted = client.post("/v1/jobs", json=tf, headers=ALICE)
+    assert accepted.status_code == 201, accepted.text
+    assert accepted.json()["spec"]["distributed_training"] is True
+    # ...a custom TensorFlow trainer does not: a clear 422
+    custom = {**tf, "entrypoint": "tests.custom_trainers.tf:train"}
+    refused = client.post("/v1/jobs", json=custom, headers=ALICE)
     assert refused.status_code == 422
-    assert "TensorFlow multi-GPU jobs (MirroredStrategy) are not supported" in error_of(refused)
+    assert "a custom TensorFlow trainer of several GPUs is not supported" in error_of(refused)
 
 
 def test_validate_speaks_of_the_alternatives(client: TestClient) -> None:

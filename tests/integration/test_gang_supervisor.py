@@ -182,6 +182,35 @@ def test_a_command_gang_trains_like_one_process_and_resumes_bit_for_bit(host: Se
     assert _gang_rows(host) == {d: (None, None) for d in DEVICES}
 
 
+@pytest.mark.tensorflow
+def test_a_tensorflow_gang_is_one_process_of_two_replicas_and_resumes_bit_for_bit(
+    host: Settings,
+) -> None:
+    # Given a TensorFlow job of 2 GPUs that runs out of memory above a micro-batch of 128
+    # (batch 256), and the same job failing (transiently) at step 5, after its checkpoint at 4
+    faults = {"oom_above_micro_batch": 128}
+    tf_spec = dict(framework="tensorflow", resources={"gpu_count": 2})
+    whole = submit(host, spec(**tf_spec, faults=faults))
+    broken = {**faults, "fail_at_step": 5, "fail_with": "transient"}
+    interrupted = submit(host, spec(**tf_spec, faults=broken))
+    # When the leader runs them (the broken one twice: it is retried)
+    assert Supervisor(host, LEADER).run(whole) == Outcome.SUCCEEDED
+    assert Supervisor(host, LEADER).run(interrupted) == Outcome.REQUEUED
+    make_due(host, interrupted)
+    assert Supervisor(host, LEADER).run(interrupted) == Outcome.SUCCEEDED
+    # Then one trainer process mirrored the model on 2 replicas (no ranks), halved its
+    # micro-batch for both at once, and the retry resumed from step 4 to the same weights
+    log = _log(host, whole)
+    assert "2 replicas (MirroredStrategy over" in log and "[rank" not in log, log
+    assert view(host, whole)["batch"]["micro_batch"] == 128
+    assert "= 2 x micro-batch 128" in log
+    assert "from step 4" in _log(host, interrupted)
+    results = [view(host, j)["result"] for j in (whole, interrupted)]
+    assert results[0]["weights_sha256"] == results[1]["weights_sha256"]
+    assert results[0]["final_loss"] == results[1]["final_loss"]
+    assert _gang_rows(host) == {d: (None, None) for d in DEVICES}
+
+
 WHO = b"""
 import os
 

@@ -94,7 +94,10 @@ def test_a_device_fits_a_job_that_lists_its_type() -> None:
         ({"framework": "torch", "resources": {"memory_gb": -1}}, "memory_gb"),
         ({"framework": "jax"}, "framework"),
         ({"framework": "torch", "resources": {"gpu_count": 17}}, "gpu_count"),
-        ({"framework": "tensorflow", "resources": {"gpu_count": 2}}, "TensorFlow multi-GPU"),
+        (
+            {"framework": "tensorflow", "entrypoint": "a.b:c", "resources": {"gpu_count": 2}},
+            "custom TensorFlow trainer of several GPUs",
+        ),
         ({}, "framework"),
         ({"framework": "torch", "entrypoint": "os.system"}, "package.module:function"),
         ({"framework": "torch", "data": {"source": "file", "path": "../etc/x.npz"}}, ".."),

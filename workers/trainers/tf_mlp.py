@@ -26,7 +26,10 @@ On a GPU: ``gpu_memory_fraction`` becomes a logical-device memory limit (the GPU
 read through NVML; without NVML, memory growth instead), ``mixed_precision`` sets the Keras
 ``mixed_bfloat16`` policy on GPUs that have bf16 (compute capability 8.0+; elsewhere it is
 ignored with a log line, fp16 would need loss scaling inside the accumulation), and the peak
-memory is reported. None of this is exercised without a GPU.
+memory is reported (the largest of the replicas' GPUs). None of this is exercised without a GPU.
+
+Several GPUs (``gpu_count`` > 1): one process, a MirroredStrategy replica per device
+(``tf_replicas``); on simulated devices, as many logical CPU devices.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import numpy.typing as npt
 import tensorflow as tf
 
 from app.domain.spec import JobSpec, ModelSpec
-from workers.trainers import checkpoints
+from workers.trainers import checkpoints, tf_replicas
 from workers.trainers.context import TrainContext
 from workers.trainers.data import load_dataset
 from workers.trainers.errors import StopRequested, WorkerError
@@ -85,11 +88,14 @@ class _Run:
     loss_steps: Any
 
     @classmethod
-    def fresh(cls, spec: JobSpec) -> _Run:
+    def fresh(cls, spec: JobSpec, strategy: Any) -> _Run:
+        """A new run; the model and optimizer live in ``strategy``'s scope (mirrored on each
+        replica; the default strategy: one device)."""
         tf.keras.utils.set_random_seed(spec.training.seed % 2**32)
-        model = build_model(spec.model)
-        optimizer = tf.keras.optimizers.Adam(learning_rate=spec.training.learning_rate)
-        optimizer.build(model.trainable_variables)  # slots exist before a restore
+        with strategy.scope():
+            model = build_model(spec.model)
+            optimizer = tf.keras.optimizers.Adam(learning_rate=spec.training.learning_rate)
+            optimizer.build(model.trainable_variables)  # slots exist before a restore
         counters = {
             name: tf.Variable(0, dtype=tf.int64, trainable=False)
             for name in ("step", "epoch", "position", "loss_steps")
@@ -101,8 +107,8 @@ class _Run:
         return cls(model, optimizer, checkpoint, loss_sum=loss_sum, **counters)
 
     @classmethod
-    def resume(cls, spec: JobSpec, path: Path) -> _Run:
-        run = cls.fresh(spec)
+    def resume(cls, spec: JobSpec, strategy: Any, path: Path) -> _Run:
+        run = cls.fresh(spec, strategy)
         status = run.checkpoint.read(str(path / CHECKPOINT_PREFIX))
         status.assert_existing_objects_matched()
         return run
@@ -120,17 +126,19 @@ def _loss_sum(out: Any, target: Any, spec: ModelSpec) -> Any:
     return tf.reduce_sum(tf.square(out - target)) / spec.output_dim
 
 
-def _gpu_total_bytes() -> int | None:
+def _gpu_total_bytes(index: int) -> int | None:
+    """The total memory of the ``index``-th visible GPU, read through NVML."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+            listed = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+            visible = listed[index].strip() if index < len(listed) else str(index)
             if visible.startswith("GPU-"):
                 handle = pynvml.nvmlDeviceGetHandleByUUID(visible.encode())
             else:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible or 0))
+                handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible or index))
             return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
         finally:
             pynvml.nvmlShutdown()
@@ -138,41 +146,64 @@ def _gpu_total_bytes() -> int | None:
         return None
 
 
-def _configure(ctx: TrainContext) -> bool:
-    """Threads, determinism, GPU memory and precision, before TensorFlow runs any op.
+@dataclass(frozen=True)
+class _Placement:
+    on_gpu: bool
+    replicas: int  #: the job's gpu_count: one replica per device
+    strategy: Any  #: MirroredStrategy over the replicas' devices, or the default strategy
 
-    Returns whether training runs on a GPU."""
+    def peak_memory(self) -> int:
+        """The largest peak of the replicas' GPUs (each replica's memory must fit its GPU)."""
+        return max(
+            int(tf.config.experimental.get_memory_info(f"GPU:{i}")["peak"])
+            for i in range(self.replicas)
+        )
+
+
+def _configure(ctx: TrainContext) -> _Placement:
+    """Threads, determinism, devices, GPU memory and precision, before TensorFlow runs any
+    op; with ``gpu_count`` > 1, a replica per device (``tf_replicas``)."""
     tf.config.experimental.enable_op_determinism()
+    replicas = ctx.spec.resources.gpu_count
     gpus = tf.config.list_physical_devices("GPU")
-    if ctx.device == "cuda" and not gpus:
-        raise WorkerError("launched on cuda, but TensorFlow sees no usable GPU on this worker")
+    if ctx.device == "cuda" and len(gpus) < replicas:
+        raise WorkerError(
+            f"launched on cuda for {replicas} GPU(s), but TensorFlow sees {len(gpus)} usable "
+            "GPU(s) on this worker"
+        )
     if ctx.device != "cuda":
         tf.config.set_visible_devices([], "GPU")
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-        return False
-    gpu = gpus[0]
-    tf.config.set_visible_devices([gpu], "GPU")
-    total = _gpu_total_bytes()
-    if total is None:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    else:
-        limit_mb = int(total * ctx.spec.resources.gpu_memory_fraction) // 2**20
-        tf.config.set_logical_device_configuration(
-            gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=limit_mb)]
-        )
+        if replicas == 1:
+            return _Placement(False, 1, tf.distribute.get_strategy())
+        return _Placement(False, replicas, tf_replicas.cpu_strategy(replicas))
+    mine = gpus[:replicas]
+    tf.config.set_visible_devices(mine, "GPU")
+    for index, gpu in enumerate(mine):
+        total = _gpu_total_bytes(index)
+        if total is None:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        else:
+            limit_mb = int(total * ctx.spec.resources.gpu_memory_fraction) // 2**20
+            tf.config.set_logical_device_configuration(
+                gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=limit_mb)]
+            )
     if ctx.spec.training.mixed_precision:
-        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        capability = tf.config.experimental.get_device_details(mine[0]).get("compute_capability")
         if capability is not None and capability >= (8, 0):
             tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
         else:
             ctx.log("mixed_precision ignored: this GPU has no bf16")
-    return True
+    if replicas == 1:
+        return _Placement(True, 1, tf.distribute.get_strategy())
+    return _Placement(True, replicas, tf_replicas.gpu_strategy(replicas))
 
 
 def train(ctx: TrainContext) -> dict[str, Any]:
     spec, training = ctx.spec, ctx.spec.training
-    on_gpu = _configure(ctx)
+    placement = _configure(ctx)
+    on_gpu = placement.on_gpu
     data = load_dataset(spec.model, spec.data, ctx.data_root)
     rows, batch, micro = len(data), ctx.batch_size, ctx.micro_batch
     steps_per_epoch = math.ceil(rows / batch)
@@ -180,10 +211,18 @@ def train(ctx: TrainContext) -> dict[str, Any]:
     if training.max_steps is not None:
         total = min(total, training.max_steps)
 
-    run = ctx.load_checkpoint_dir(lambda path: _Run.resume(spec, path)) or _Run.fresh(spec)
+    strategy = placement.strategy
+    run = ctx.load_checkpoint_dir(lambda path: _Run.resume(spec, strategy, path))
+    run = run or _Run.fresh(spec, strategy)
     ctx.log(
         f"tensorflow mlp on {'gpu' if on_gpu else 'cpu'}: {rows} rows, {total} steps, batch "
         f"{batch} = {ctx.accumulation} x micro-batch {micro}, from step {int(run.step)}"
+        + (
+            f", {placement.replicas} replicas (MirroredStrategy over "
+            f"{', '.join(strategy.extended.worker_devices)})"
+            if placement.replicas > 1
+            else ""
+        )
     )
     y_dtype = tf.int64 if spec.model.task == "classification" else tf.float32
     y_shape = [None] if spec.model.task == "classification" else [None, spec.model.output_dim]
@@ -202,7 +241,7 @@ def train(ctx: TrainContext) -> dict[str, Any]:
             loss = _loss_sum(run.model(x, training=True), y, spec.model) / batch_rows
         return loss, tape.gradient(loss, variables)
 
-    def optimizer_step(xb: Any, yb: Any) -> float:
+    def local_step(xb: Any, yb: Any) -> float:
         batch_rows = tf.constant(float(xb.shape[0]))
         total_grads: list[Any] | None = None
         loss_total = 0.0
@@ -218,10 +257,18 @@ def train(ctx: TrainContext) -> dict[str, Any]:
         run.optimizer.apply_gradients(zip(total_grads or [], variables, strict=True))
         return loss_total
 
+    optimizer_step = (
+        tf_replicas.replicated_step(
+            strategy, run.model, run.optimizer, spec.model, batch=batch, micro=micro
+        )
+        if placement.replicas > 1
+        else local_step
+    )
+
     def checkpoint() -> None:
         ctx.save_checkpoint_dir(int(run.step), run.write)
         if on_gpu:
-            ctx.report_gpu_memory(int(tf.config.experimental.get_memory_info("GPU:0")["peak"]))
+            ctx.report_gpu_memory(placement.peak_memory())
 
     started, start_step = time.monotonic(), int(run.step)
     while int(run.step) < total:
@@ -252,10 +299,10 @@ def train(ctx: TrainContext) -> dict[str, Any]:
             ctx.report(step + 1, total, int(run.epoch) + 1, loss=loss, samples_per_sec=speed)
             ctx.faults.after_step()
 
-    return _finish(ctx, run, on_gpu, data.x, data.y)
+    return _finish(ctx, run, placement, data.x, data.y)
 
 
-def _finish(ctx: TrainContext, run: _Run, on_gpu: bool, x: Any, y: Any) -> dict[str, Any]:
+def _finish(ctx: TrainContext, run: _Run, placement: _Placement, x: Any, y: Any) -> dict[str, Any]:
     path = ctx.checkpoint_dir / f"model-e{ctx.epoch}.weights.h5"
     checkpoints.atomic_write_path(path, lambda tmp: run.model.save_weights(str(tmp)))
     metrics: dict[str, float] = {"steps": float(int(run.step))}
@@ -265,8 +312,8 @@ def _finish(ctx: TrainContext, run: _Run, on_gpu: bool, x: Any, y: Any) -> dict[
             out = run.model(x[start : start + ctx.micro_batch], training=False)
             correct += int(np.sum(np.argmax(out, axis=1) == y[start : start + ctx.micro_batch]))
         metrics["accuracy"] = correct / len(x)
-    if on_gpu:
-        ctx.report_gpu_memory(int(tf.config.experimental.get_memory_info("GPU:0")["peak"]))
+    if placement.on_gpu:
+        ctx.report_gpu_memory(placement.peak_memory())
     steps = int(run.loss_steps)
     return {
         "final_loss": float(run.loss_sum.numpy()) / steps if steps else None,
