@@ -219,7 +219,7 @@ def train(ctx: TrainContext) -> dict[str, Any]:
         f"{batch} = {ctx.accumulation} x micro-batch {micro}, from step {int(run.step)}"
         + (
             f", {placement.replicas} replicas (MirroredStrategy over "
-            f"{', '.join(strategy.extended.worker_devices)})"
+            f"{', '.join(d.rsplit('device:', 1)[-1] for d in strategy.extended.worker_devices)})"
             if placement.replicas > 1
             else ""
         )
