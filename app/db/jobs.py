@@ -315,7 +315,7 @@ def job_tenant_exists(*, session: Session, tenant: str | None, job_id: uuid.UUID
 
 @dataclass(frozen=True)
 class FleetDevice:
-    """A registered device as a waiting job's reason sees it."""
+    """Registered devices alike as a waiting job's reason sees them (one row per kind)."""
 
     gpu_type: str
     memory_bytes: int
@@ -323,21 +323,29 @@ class FleetDevice:
     suspect: bool
     #: what its (last) worker offered, name -> version; None: not reported.
     frameworks: dict[str, str] | None
+    #: how many registered devices are of this kind.
+    count: int = 1
 
 
 _DeviceSizes = list[FleetDevice]
 
 
 def device_sizes(session: Session) -> _DeviceSizes:
-    """The registered devices (type, memory, liveness, suspicion, frameworks): one read."""
+    """The registered devices (type, memory, liveness, suspicion, frameworks), counted per
+    kind in one read: a fleet of 1,000 alike GPUs is one row, so a waiting reason judges a
+    handful of kinds, not every device (``_records`` gives one to each queued job of a page).
+    """
+    alive = func.coalesce(Device.expires_at >= func.now(), False).label("alive")
+    suspect = Device.suspect_since.is_not(None).label("suspect")
     rows = session.execute(
         select(
             Device.gpu_type,
             Device.memory_bytes,
-            func.coalesce(Device.expires_at >= func.now(), False).label("alive"),
-            Device.suspect_since.is_not(None).label("suspect"),
+            alive,
+            suspect,
             Device.frameworks,
-        )
+            func.count().label("n"),
+        ).group_by(Device.gpu_type, Device.memory_bytes, alive, suspect, Device.frameworks)
     ).all()
     return [
         FleetDevice(
@@ -346,6 +354,7 @@ def device_sizes(session: Session) -> _DeviceSizes:
             alive=bool(r.alive),
             suspect=bool(r.suspect),
             frameworks=r.frameworks,
+            count=int(r.n),
         )
         for r in rows
     ]
@@ -416,8 +425,8 @@ def fitting_reason(spec: dict[str, Any], fitting: list[FleetDevice]) -> str | No
     usable = [d for d in fitting if d.frameworks is None or framework in d.frameworks]
     if usable and all(d.suspect for d in usable):
         return (
-            f"every device that fits ({len(usable)}) is suspect after a GPU fault; "
-            "they take jobs again once their health check passes"
+            f"every device that fits ({sum(d.count for d in usable)}) is suspect after a GPU "
+            "fault; they take jobs again once their health check passes"
         )
     return None
 
@@ -473,7 +482,7 @@ def _lease(raw: dict[str, Any]) -> LeaseRecord:
     )
 
 
-def _record(row: Any, devices: _DeviceSizes | None) -> JobRecord:
+def _record(row: Any, waiting: str | None) -> JobRecord:
     status = JobStatus(row.status)
     leases = [_lease(raw) for raw in row.leases]
     live = next((lease for lease in leases if lease.released_at is None), None)
@@ -496,9 +505,6 @@ def _record(row: Any, devices: _DeviceSizes | None) -> JobRecord:
             if not row.gpu_util_samples
             else round(row.gpu_util_sum / row.gpu_util_samples, 4),
         )
-    waiting = None
-    if status == JobStatus.QUEUED and devices is not None:
-        waiting = waiting_reason(row.spec, devices)
     return JobRecord(
         id=row.id,
         name=row.name,
@@ -544,11 +550,29 @@ def cached_device_sizes(session: Session, max_age: float) -> _DeviceSizes:
     return cached[1]
 
 
+def _routing_key(spec: dict[str, Any]) -> str:
+    """What a stored spec's waiting reason depends on: its resources and framework."""
+    return json.dumps([spec.get("resources"), spec.get("framework")], sort_keys=True, default=str)
+
+
 def _records(session: Session, rows: list[Any], device_max_age: float) -> list[JobRecord]:
-    """One read of the device table for the whole page, and only when a job on it waits."""
-    queued = any(r.status == JobStatus.QUEUED.value for r in rows)
-    devices = cached_device_sizes(session, device_max_age) if queued else None
-    return [_record(r, devices) for r in rows]
+    """One read of the device table for the whole page, and only when a job on it waits; one
+    waiting reason per kind of request on the page, not per queued job (a page of 50 alike
+    jobs judged the fleet once)."""
+    devices: _DeviceSizes | None = None
+    reasons: dict[str, str | None] = {}
+    records = []
+    for r in rows:
+        waiting = None
+        if r.status == JobStatus.QUEUED.value:
+            if devices is None:
+                devices = cached_device_sizes(session, device_max_age)
+            key = _routing_key(r.spec)
+            if key not in reasons:
+                reasons[key] = waiting_reason(r.spec, devices)
+            waiting = reasons[key]
+        records.append(_record(r, waiting))
+    return records
 
 
 _GET_ONE = _selecting(
