@@ -136,6 +136,13 @@ def create_database(address: str) -> tuple[str, str]:
     return name, url
 
 
+def drop_database(address: str, name: str) -> None:
+    """Drop a database this bench created (on a shared Postgres given with ``--pg``, nothing
+    of the run is left behind; its own Postgres goes away whole)."""
+    with psycopg.connect(admin_dsn(address), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def seed(url: str, dsn: str, *, queued: int, ended: int) -> None:
     """Add ``queued`` queued jobs and ``ended`` ended ones with histories, by copying one
     real submitted job (its spec as the API stores it) in bulk."""
@@ -838,14 +845,19 @@ def main() -> None:
             bouncer = start_bouncer(args, address, own=server is not None)
         for size in sorted(args.queued):
             dbname, url = create_database(address)
-            started = time.monotonic()
-            seed(url, admin_dsn(address, dbname), queued=size, ended=size)
-            print(
-                f"seeded {size:,} + {size:,} jobs in {time.monotonic() - started:.1f}s", flush=True
-            )
-            if bouncer is not None:  # the fleet, reaper and API through it; seeding direct
-                url = url.replace(address, f"{bouncer.host}:{bouncer.port}")
-            results.append(phase(url, admin_dsn(address, dbname), dbname, args, size))
+            try:
+                started = time.monotonic()
+                seed(url, admin_dsn(address, dbname), queued=size, ended=size)
+                print(
+                    f"seeded {size:,} + {size:,} jobs in {time.monotonic() - started:.1f}s",
+                    flush=True,
+                )
+                if bouncer is not None:  # the fleet, reaper and API through it; seeding direct
+                    url = url.replace(address, f"{bouncer.host}:{bouncer.port}")
+                results.append(phase(url, admin_dsn(address, dbname), dbname, args, size))
+            finally:
+                if server is None:
+                    drop_database(address, dbname)
         report(results, args, results[0]["heartbeat"])
     finally:
         if bouncer is not None:
