@@ -30,14 +30,22 @@ def driver_sql(statement: TextClause | TextualSelect) -> str:
 
 
 def fetch_all(connection: Connection, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """The rows of ``sql`` (psycopg's ``%(name)s`` placeholders) as tuples."""
+    """The rows of ``sql`` (psycopg's ``%(name)s`` placeholders) as tuples. Listeners of the
+    engine's ``before_cursor_execute`` and ``after_cursor_execute`` still see the statement
+    (without an execution context): tests that count statements, tracing."""
     dbapi = connection.connection.driver_connection
     assert dbapi is not None
     cursor = None
+    events = connection._has_events or connection.engine._has_events
     try:
         cursor = dbapi.cursor()
+        if events:
+            for listener in connection.dispatch.before_cursor_execute:
+                sql, params = listener(connection, cursor, sql, params, None, False)
         cursor.execute(sql, params)
         rows: list[tuple[Any, ...]] = cursor.fetchall()
+        if events:
+            connection.dispatch.after_cursor_execute(connection, cursor, sql, params, None, False)
         return rows
     except connection.dialect.loaded_dbapi.Error as err:
         # Wraps it (OperationalError, ...), invalidates a dead connection and the pool, raises.

@@ -629,6 +629,10 @@ def job_view(*, session: Session, tenant: str, job_id: uuid.UUID) -> dict[str, A
     return asdict(get_job(session=session, tenant=tenant, job_id=job_id))
 
 
+#: a job list cursor: the last job's (created_at, id).
+_Cursor = tuple[datetime, uuid.UUID]
+
+
 @functools.cache
 def _list_statement(where: tuple[str, ...]) -> TextualSelect:
     """One statement per page shape (a handful), parsed once."""
@@ -636,18 +640,11 @@ def _list_statement(where: tuple[str, ...]) -> TextualSelect:
     return _selecting(sql + " ORDER BY j.created_at DESC, j.id DESC LIMIT :limit")
 
 
-def list_jobs(
-    *,
-    session: Session,
-    tenant: str | None,
-    status: JobStatus | None,
-    limit: int,
-    cursor: tuple[datetime, uuid.UUID] | None,
-    device_max_age: float = 0,
-) -> tuple[list[JobRecord], tuple[datetime, uuid.UUID] | None]:
-    """Newest first; the cursor is the (created_at, id) of the last job of the previous page.
-    ``tenant`` None: every tenant's jobs (an admin)."""
-    # Only the conditions that apply, so the planner picks the index of that page's shape.
+def _page_where(
+    tenant: str | None, status: JobStatus | None, limit: int, cursor: _Cursor | None
+) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """A page's conditions and parameters. Only the conditions that apply, so the planner
+    picks the index of that page's shape."""
     where = ["TRUE"] if tenant is None else ["j.tenant = :tenant"]
     params: dict[str, Any] = {"tenant": tenant, "limit": limit + 1}
     if status is not None:
@@ -656,11 +653,53 @@ def list_jobs(
     if cursor is not None:
         where.append("(j.created_at, j.id) < (:at, :last_id)")
         params["at"], params["last_id"] = cursor
-    rows = list(session.execute(_list_statement(tuple(where)), params).all())
+    return tuple(where), params
+
+
+def _page(
+    session: Session | Connection, rows: list[Any], limit: int, device_max_age: float
+) -> tuple[list[JobRecord], _Cursor | None]:
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = (rows[-1].created_at, rows[-1].id) if more and rows else None
     return _records(session, rows, device_max_age), next_cursor
+
+
+def list_jobs(
+    *,
+    session: Session,
+    tenant: str | None,
+    status: JobStatus | None,
+    limit: int,
+    cursor: _Cursor | None,
+    device_max_age: float = 0,
+) -> tuple[list[JobRecord], _Cursor | None]:
+    """Newest first; the cursor is the (created_at, id) of the last job of the previous page.
+    ``tenant`` None: every tenant's jobs (an admin)."""
+    where, params = _page_where(tenant, status, limit, cursor)
+    rows = list(session.execute(_list_statement(where), params).all())
+    return _page(session, rows, limit, device_max_age)
+
+
+@functools.cache
+def _list_driver_sql(where: tuple[str, ...]) -> str:
+    return driver_sql(_list_statement(where))
+
+
+def read_jobs(
+    *,
+    connection: Connection,
+    tenant: str | None,
+    status: JobStatus | None,
+    limit: int,
+    cursor: _Cursor | None,
+    device_max_age: float = 0,
+) -> tuple[list[JobRecord], _Cursor | None]:
+    """``list_jobs``'s page, its statement sent through psycopg's cursor (``app.db.driver``):
+    the API's ``GET /v1/jobs``."""
+    where, params = _page_where(tenant, status, limit, cursor)
+    rows = fetch_all(connection, _list_driver_sql(where), params)
+    return _page(connection, [_JobRow._make(r) for r in rows], limit, device_max_age)
 
 
 def job_status(*, session: Session, job_id: uuid.UUID) -> JobStatus | None:

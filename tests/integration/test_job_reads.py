@@ -4,13 +4,16 @@ the same records as the ORM path, the same tenant scoping, the same idempotency.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from app.db import jobs, leases
 from app.db.devices import claim_device, register_devices
-from app.db.session import autocommit_connection, session_scope
+from app.db.session import autocommit_connection, engine_for, session_scope
 from app.domain.spec import JobSpec
+from app.domain.states import JobStatus
 from app.settings import Settings
 from tests.conftest import device_record
 
@@ -75,3 +78,65 @@ def test_an_idempotency_key_returns_the_first_job_or_a_conflict(settings: Settin
         # The key is the tenant's own: another tenant's same key makes another job.
         theirs = jobs.insert_job(connection=c, tenant="u", spec=SPEC, idempotency_key="k")
         assert theirs.created and theirs.job_id != first.job_id
+
+
+def test_a_page_of_jobs_reads_the_same_through_the_driver_as_through_the_orm(
+    settings: Settings,
+) -> None:
+    with autocommit_connection(settings.database_url) as c:
+        ids = [jobs.insert_job(connection=c, tenant="t", spec=SPEC).job_id for _ in range(3)]
+        jobs.insert_job(connection=c, tenant="u", spec=SPEC)
+    pages: list[tuple[str | None, JobStatus | None]] = [
+        ("t", None),
+        ("t", JobStatus.QUEUED),
+        (None, None),  # an admin: every tenant's
+        ("t", JobStatus.RUNNING),
+    ]
+    for tenant, status in pages:
+        cursor = None
+        seen: list[uuid.UUID] = []
+        while True:
+            with session_scope(settings.database_url) as s:
+                orm = jobs.list_jobs(
+                    session=s, tenant=tenant, status=status, limit=2, cursor=cursor
+                )
+            with autocommit_connection(settings.database_url) as c:
+                driver = jobs.read_jobs(
+                    connection=c, tenant=tenant, status=status, limit=2, cursor=cursor
+                )
+            assert driver == orm
+            seen += [r.id for r in driver[0]]
+            cursor = driver[1]
+            if cursor is None:
+                break
+        expected = 0 if status == JobStatus.RUNNING else 4 if tenant is None else 3
+        assert len(seen) == len(set(seen)) == expected
+        if tenant == "t" and status != JobStatus.RUNNING:
+            assert seen == ids[::-1]  # newest first
+
+
+def test_statement_listeners_still_see_the_driver_s_statements(settings: Settings) -> None:
+    """Counting tests and tracing listen to the engine's cursor events."""
+    seen: list[tuple[str, str]] = []
+
+    def before(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
+        seen.append(("before", statement))
+
+    def after(_c: Any, _cur: Any, statement: str, *_: Any) -> None:
+        seen.append(("after", statement))
+
+    engine = engine_for(settings.database_url)
+    event.listen(engine, "before_cursor_execute", before)
+    event.listen(engine, "after_cursor_execute", after)
+    try:
+        with autocommit_connection(settings.database_url) as c:
+            job_id = jobs.insert_job(connection=c, tenant="t", spec=SPEC).job_id
+            jobs.read_job(connection=c, tenant="t", job_id=job_id)
+            jobs.read_jobs(connection=c, tenant="t", status=None, limit=5, cursor=None)
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+        event.remove(engine, "after_cursor_execute", after)
+    for phase in ("before", "after"):
+        sent = [s for p, s in seen if p == phase]
+        assert len([s for s in sent if "INSERT INTO jobs" in s]) == 1
+        assert len([s for s in sent if "FROM jobs j" in s]) == 2  # the job, the page

@@ -39,7 +39,7 @@ from app.db.devices import list_devices
 from app.db.events import list_events
 from app.db.hosts import fitting_per_host
 from app.db.logs import LogChunk, read_log_page, read_logs
-from app.db.session import autocommit_connection, open_session, session_scope
+from app.db.session import autocommit_connection, session_scope
 from app.domain.gangs import gang_refusal
 from app.domain.routing import RoutingError, describe_types, device_fits
 from app.domain.spec import JobSpec, SpecPolicyError, check_policy
@@ -321,9 +321,11 @@ def list_jobs(
         if not caller.admin:
             raise ApiError(403, "forbidden", "only admin tokens choose a tenant")
         scope = tenant
-    with open_session(settings.database_url) as session:
-        records, next_cursor = job_rows.list_jobs(
-            session=session,
+    # Autocommit: the page is one statement (the device table, when read, is a cached view
+    # anyway), without BEGIN and ROLLBACK round trips.
+    with autocommit_connection(settings.database_url) as connection:
+        records, next_cursor = job_rows.read_jobs(
+            connection=connection,
             tenant=scope,
             status=status,
             limit=limit,
