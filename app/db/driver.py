@@ -1,14 +1,16 @@
 """A statement through psycopg's own cursor on a pooled SQLAlchemy connection, for the API's
-busiest read (``GET /v1/jobs/{id}``).
+busiest requests: submit, get and the list page, one statement each.
 
-Measured on that read's worker thread (checkout, one statement, the JSON of the job), per
+Measured on a get's worker thread (checkout, one statement, the JSON of the job), per
 request: an ORM session 0.57-1.08 ms of CPU, a Core connection 0.51-0.72 ms, this
-0.32-0.39 ms. SQLAlchemy's execution builds a result object and its metadata around every
-statement, and psycopg describes all 24 columns again for it; here the rows come back as
-tuples. The connection is still SQLAlchemy's: its checkout (the ping of an idle one), its
-isolation level and its return to the pool are unchanged, and a driver error goes through
-SQLAlchemy's own handling, so an unreachable database is the same ``OperationalError`` (the
-API's 503) and a dead connection invalidates the pool as it would through ``execute``.
+0.32-0.39 ms; a submit's insert 0.88-0.99 ms through a session (and its BEGIN and COMMIT),
+0.39-0.45 ms this way in autocommit. SQLAlchemy's execution builds a result object and its
+metadata around every statement, and psycopg describes all 24 columns again for it; here the
+rows come back as tuples. The connection is still SQLAlchemy's: its checkout (the ping of an
+idle one), its isolation level and its return to the pool are unchanged, and a driver error
+goes through SQLAlchemy's own handling, so an unreachable database is the same
+``OperationalError`` (the API's 503) and a dead connection invalidates the pool as it would
+through ``execute``.
 """
 
 from __future__ import annotations
