@@ -15,6 +15,7 @@ from psycopg.types.json import set_json_loads
 
 from app.api import errors
 from app.api.deps import Auth
+from app.api.heap import freeze_startup_heap
 from app.api.metrics import make_registry
 from app.api.routes import artifacts, fleet, jobs, ops, snapshots
 from app.api.streams import StreamHub
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        freeze_startup_heap()  # full collections no longer traverse the imports and the app
         yield
         await hub.close()
 

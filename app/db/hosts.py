@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from app.db.models import Device
 from app.domain.routing import GpuTypes, device_fits
 
 
-def fitting_per_host(*, session: Session, gpu_type: GpuTypes, memory_gb: float) -> dict[str, int]:
+def fitting_per_host(
+    *, session: Session | Connection, gpu_type: GpuTypes, memory_gb: float
+) -> dict[str, int]:
     """Per host with registered devices, how many of them fit the type(s) and memory (0 when
     none do). Every registered device counts, live or not: a host's worker may be restarting."""
     rows = session.execute(select(Device.host, Device.gpu_type, Device.memory_bytes)).all()

@@ -14,16 +14,19 @@ import json
 import re
 import time
 import uuid
+from collections import namedtuple
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, column, func, select, text, update
+from psycopg.types.json import Jsonb
+from sqlalchemy import Connection, bindparam, column, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.selectable import TextualSelect
 
 from app.db import counters
+from app.db.driver import driver_sql, fetch_all
 from app.db.events import add_event
 from app.db.models import Device, Job
 from app.domain.routing import (
@@ -167,6 +170,10 @@ def _selecting(sql: str) -> TextualSelect:
     return text(sql).columns(*(column(name) for name in _SELECT_COLUMNS))
 
 
+#: a job statement's row as psycopg returns it (``app.db.driver``), as ``_record`` reads it.
+_JobRow = namedtuple("_JobRow", _SELECT_COLUMNS)  # type: ignore[misc]
+
+
 _INSERT_SQL = text(
     """
     WITH j AS (
@@ -190,6 +197,39 @@ _INSERT_SQL = text(
 _INSERT = _INSERT_SQL.columns(*(column(name) for name in _SELECT_COLUMNS))
 
 
+def _insert_params(tenant: str, spec: JobSpec, idempotency_key: str | None) -> dict[str, Any]:
+    return {
+        "id": uuid.uuid4(),
+        "tenant": tenant,
+        "name": spec.name,
+        "spec": spec.model_dump(mode="json"),
+        "spec_version": SPEC_VERSION,
+        "queue": spec.queue,
+        "priority": spec.priority,
+        "idempotency_key": idempotency_key,
+        "spec_hash": spec_hash(spec),
+        "max_attempts": spec.max_attempts,
+        "event_data": {"queue": spec.queue},
+    }
+
+
+def _earlier(
+    session: Session | Connection, tenant: str, idempotency_key: str | None, digest: str
+) -> Submitted:
+    """The job an earlier submit with this key made (its body must be this one)."""
+    earlier = session.execute(
+        select(Job.id, Job.spec_hash).where(
+            Job.tenant == tenant, Job.idempotency_key == idempotency_key
+        )
+    ).one()
+    if earlier.spec_hash != digest:
+        raise IdempotencyConflict(
+            f"Idempotency-Key {idempotency_key!r} was used for job {earlier.id} "
+            "with a different body"
+        )
+    return Submitted(job_id=earlier.id, created=False)
+
+
 def submit_job(
     *,
     session: Session,
@@ -200,36 +240,35 @@ def submit_job(
 ) -> Submitted:
     """Insert a queued job and its ``submitted`` event (seq 1) in one statement; with a key
     already used, return the earlier job instead. A new job's record comes back with it."""
-    digest = spec_hash(spec)
-    row = session.execute(
-        _INSERT,
-        {
-            "id": uuid.uuid4(),
-            "tenant": tenant,
-            "name": spec.name,
-            "spec": spec.model_dump(mode="json"),
-            "spec_version": SPEC_VERSION,
-            "queue": spec.queue,
-            "priority": spec.priority,
-            "idempotency_key": idempotency_key,
-            "spec_hash": digest,
-            "max_attempts": spec.max_attempts,
-            "event_data": {"queue": spec.queue},
-        },
-    ).one_or_none()
+    params = _insert_params(tenant, spec, idempotency_key)
+    row = session.execute(_INSERT, params).one_or_none()
     if row is None:
-        earlier = session.execute(
-            select(Job.id, Job.spec_hash).where(
-                Job.tenant == tenant, Job.idempotency_key == idempotency_key
-            )
-        ).one()
-        if earlier.spec_hash != digest:
-            raise IdempotencyConflict(
-                f"Idempotency-Key {idempotency_key!r} was used for job {earlier.id} "
-                "with a different body"
-            )
-        return Submitted(job_id=earlier.id, created=False)
+        return _earlier(session, tenant, idempotency_key, params["spec_hash"])
     record = _records(session, [row], device_max_age)[0]
+    return Submitted(job_id=row.id, created=True, record=record)
+
+
+_INSERT_DRIVER = driver_sql(_INSERT)
+
+
+def insert_job(
+    *,
+    connection: Connection,
+    tenant: str,
+    spec: JobSpec,
+    idempotency_key: str | None = None,
+    device_max_age: float = 0,
+) -> Submitted:
+    """``submit_job`` on a connection in autocommit, through psycopg's cursor
+    (``app.db.driver``): the statement commits by itself, one round trip instead of three
+    (BEGIN, the statement, COMMIT). The API's ``POST /v1/jobs``."""
+    params = _insert_params(tenant, spec, idempotency_key)
+    sent = {**params, "spec": Jsonb(params["spec"]), "event_data": Jsonb(params["event_data"])}
+    rows = fetch_all(connection, _INSERT_DRIVER, sent)
+    if not rows:
+        return _earlier(connection, tenant, idempotency_key, params["spec_hash"])
+    row: Any = _JobRow._make(rows[0])
+    record = _records(connection, [row], device_max_age)[0]
     return Submitted(job_id=row.id, created=True, record=record)
 
 
@@ -330,7 +369,7 @@ class FleetDevice:
 _DeviceSizes = list[FleetDevice]
 
 
-def device_sizes(session: Session) -> _DeviceSizes:
+def device_sizes(session: Session | Connection) -> _DeviceSizes:
     """The registered devices (type, memory, liveness, suspicion, frameworks), counted per
     kind in one read: a fleet of 1,000 alike GPUs is one row, so a waiting reason judges a
     handful of kinds, not every device (``_records`` gives one to each queued job of a page).
@@ -533,16 +572,18 @@ def _record(row: Any, waiting: str | None) -> JobRecord:
     )
 
 
-#: the device table as last read, per engine (database URL): (monotonic time, sizes).
+#: the device table as last read, per pool (database URL): (monotonic time, sizes).
 _device_cache: dict[Any, tuple[float, _DeviceSizes]] = {}
 
 
-def cached_device_sizes(session: Session, max_age: float) -> _DeviceSizes:
+def cached_device_sizes(session: Session | Connection, max_age: float) -> _DeviceSizes:
     """The device table, read at most once per ``max_age`` seconds per process (0: now).
     Devices register and leave rarely; ``waiting_reason`` may lag them by ``max_age``."""
     if max_age <= 0:
         return device_sizes(session)
-    key = session.get_bind().engine  # one engine per process and URL (app.db.session)
+    # One pool per process and URL (app.db.session), shared by its autocommit reader.
+    bind = session.get_bind() if isinstance(session, Session) else session
+    key = bind.engine.pool
     now = time.monotonic()
     cached = _device_cache.get(key)
     if cached is None or now - cached[0] > max_age:
@@ -555,7 +596,9 @@ def _routing_key(spec: dict[str, Any]) -> str:
     return json.dumps([spec.get("resources"), spec.get("framework")], sort_keys=True, default=str)
 
 
-def _records(session: Session, rows: list[Any], device_max_age: float) -> list[JobRecord]:
+def _records(
+    session: Session | Connection, rows: list[Any], device_max_age: float
+) -> list[JobRecord]:
     """One read of the device table for the whole page, and only when a job on it waits; one
     waiting reason per kind of request on the page, not per queued job (a page of 50 alike
     jobs judged the fleet once)."""
@@ -578,6 +621,8 @@ def _records(session: Session, rows: list[Any], device_max_age: float) -> list[J
 _GET_ONE = _selecting(
     _SELECT + " WHERE j.id = :id AND (CAST(:tenant AS text) IS NULL OR j.tenant = :tenant)"
 )
+#: the same statement for psycopg itself (``read_job``), and its rows as ``_record`` reads them.
+_GET_ONE_DRIVER = driver_sql(_GET_ONE)
 
 
 def get_job(
@@ -591,10 +636,25 @@ def get_job(
     return _records(session, list(rows), device_max_age)[0]
 
 
+def read_job(
+    *, connection: Connection, tenant: str | None, job_id: uuid.UUID, device_max_age: float = 0
+) -> JobRecord:
+    """``get_job``'s record, its statement sent through psycopg's cursor (``app.db.driver``):
+    the API's ``GET /v1/jobs/{id}``."""
+    rows = fetch_all(connection, _GET_ONE_DRIVER, {"id": job_id, "tenant": tenant})
+    if not rows:
+        raise JobNotFound(f"job {job_id} not found")
+    return _records(connection, [_JobRow._make(rows[0])], device_max_age)[0]
+
+
 def job_view(*, session: Session, tenant: str, job_id: uuid.UUID) -> dict[str, Any]:
     """The job as a plain dict (tests and tools); the API's public shape is built from
     ``get_job``'s record in ``app.api.schemas``."""
     return asdict(get_job(session=session, tenant=tenant, job_id=job_id))
+
+
+#: a job list cursor: the last job's (created_at, id).
+_Cursor = tuple[datetime, uuid.UUID]
 
 
 @functools.cache
@@ -604,18 +664,11 @@ def _list_statement(where: tuple[str, ...]) -> TextualSelect:
     return _selecting(sql + " ORDER BY j.created_at DESC, j.id DESC LIMIT :limit")
 
 
-def list_jobs(
-    *,
-    session: Session,
-    tenant: str | None,
-    status: JobStatus | None,
-    limit: int,
-    cursor: tuple[datetime, uuid.UUID] | None,
-    device_max_age: float = 0,
-) -> tuple[list[JobRecord], tuple[datetime, uuid.UUID] | None]:
-    """Newest first; the cursor is the (created_at, id) of the last job of the previous page.
-    ``tenant`` None: every tenant's jobs (an admin)."""
-    # Only the conditions that apply, so the planner picks the index of that page's shape.
+def _page_where(
+    tenant: str | None, status: JobStatus | None, limit: int, cursor: _Cursor | None
+) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """A page's conditions and parameters. Only the conditions that apply, so the planner
+    picks the index of that page's shape."""
     where = ["TRUE"] if tenant is None else ["j.tenant = :tenant"]
     params: dict[str, Any] = {"tenant": tenant, "limit": limit + 1}
     if status is not None:
@@ -624,11 +677,53 @@ def list_jobs(
     if cursor is not None:
         where.append("(j.created_at, j.id) < (:at, :last_id)")
         params["at"], params["last_id"] = cursor
-    rows = list(session.execute(_list_statement(tuple(where)), params).all())
+    return tuple(where), params
+
+
+def _page(
+    session: Session | Connection, rows: list[Any], limit: int, device_max_age: float
+) -> tuple[list[JobRecord], _Cursor | None]:
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = (rows[-1].created_at, rows[-1].id) if more and rows else None
     return _records(session, rows, device_max_age), next_cursor
+
+
+def list_jobs(
+    *,
+    session: Session,
+    tenant: str | None,
+    status: JobStatus | None,
+    limit: int,
+    cursor: _Cursor | None,
+    device_max_age: float = 0,
+) -> tuple[list[JobRecord], _Cursor | None]:
+    """Newest first; the cursor is the (created_at, id) of the last job of the previous page.
+    ``tenant`` None: every tenant's jobs (an admin)."""
+    where, params = _page_where(tenant, status, limit, cursor)
+    rows = list(session.execute(_list_statement(where), params).all())
+    return _page(session, rows, limit, device_max_age)
+
+
+@functools.cache
+def _list_driver_sql(where: tuple[str, ...]) -> str:
+    return driver_sql(_list_statement(where))
+
+
+def read_jobs(
+    *,
+    connection: Connection,
+    tenant: str | None,
+    status: JobStatus | None,
+    limit: int,
+    cursor: _Cursor | None,
+    device_max_age: float = 0,
+) -> tuple[list[JobRecord], _Cursor | None]:
+    """``list_jobs``'s page, its statement sent through psycopg's cursor (``app.db.driver``):
+    the API's ``GET /v1/jobs``."""
+    where, params = _page_where(tenant, status, limit, cursor)
+    rows = fetch_all(connection, _list_driver_sql(where), params)
+    return _page(connection, [_JobRow._make(r) for r in rows], limit, device_max_age)
 
 
 def job_status(*, session: Session, job_id: uuid.UUID) -> JobStatus | None:

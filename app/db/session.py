@@ -7,16 +7,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Connection, Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from app.settings import get_settings
 
 _factories: dict[str, sessionmaker[Session]] = {}
-#: autocommit session factories, by the engine they share a pool with (a test that drops a
-#: database forgets its engine in ``_factories``; the next one gets a reader of its own).
-_readers: dict[Engine, sessionmaker[Session]] = {}
+#: autocommit engines, by the engine they share a pool with (a test that drops a database
+#: forgets its engine in ``_factories``; the next one gets a reader of its own).
+_readers: dict[Engine, Engine] = {}
 
 #: a pooled connection idle for longer than this is pinged before use.
 PING_IDLE_S = 1.0
@@ -105,18 +105,18 @@ def open_session(url: str) -> Iterator[Session]:
 
 
 @contextmanager
-def read_session(url: str) -> Iterator[Session]:
-    """A session in autocommit, for a read of one statement: each statement sees its own
-    snapshot, and there is no BEGIN or ROLLBACK round trip around it (two of a job read's
-    three). The same pool as ``open_session`` (psycopg's autocommit is a client-side flag,
-    reset when the connection goes back)."""
+def autocommit_connection(url: str) -> Iterator[Connection]:
+    """A Core connection in autocommit, for work of one statement: a read sees its own
+    snapshot, a write commits when it returns, and there is no BEGIN and COMMIT (or
+    ROLLBACK) round trip around it (two of three), nor an ORM session (``app.db.driver``).
+    The same pool as ``open_session`` (psycopg's autocommit is a client-side flag, reset when
+    the connection goes back)."""
     engine = engine_for(url)
-    factory = _readers.get(engine)
-    if factory is None:
-        reader = engine.execution_options(isolation_level="AUTOCOMMIT")
-        factory = _readers[engine] = sessionmaker(reader, expire_on_commit=False)
-    with factory() as session:
-        yield session
+    reader = _readers.get(engine)
+    if reader is None:
+        reader = _readers[engine] = engine.execution_options(isolation_level="AUTOCOMMIT")
+    with reader.connect() as connection:
+        yield connection
 
 
 def dispose_engines() -> None:

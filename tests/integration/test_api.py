@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -248,6 +249,28 @@ def test_the_api_imports_no_worker_code_or_frameworks() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_api_freezes_its_startup_heap_when_it_starts(settings: Settings) -> None:
+    """Full collections no longer traverse the imports and the app (app/api/heap.py)."""
+    code = (
+        "import gc, sys, json; from fastapi.testclient import TestClient; "
+        "from app.api.app import create_app; from app.settings import Settings; "
+        "app = create_app(Settings.model_validate_json(sys.argv[1])); "
+        "before = (gc.get_freeze_count(), gc.get_threshold()[0]); "
+        "client = TestClient(app); client.__enter__(); "
+        "print(json.dumps([before, (gc.get_freeze_count(), gc.get_threshold()[0])]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, settings.model_dump_json()],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = json.loads(done.stdout.strip().splitlines()[-1])
+    assert before == [0, 700]
+    assert after[0] > 50_000 and after[1] == 5_000
 
 
 def test_a_job_no_device_could_run_is_accepted_and_says_why(

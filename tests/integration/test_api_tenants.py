@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import statistics
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event, text
@@ -17,6 +19,7 @@ from sqlalchemy import event, text
 from app.api.app import create_app
 from app.api.deps import Auth
 from app.api.errors import ApiError
+from app.db import session as db_session
 from app.db.devices import claim_device, register_devices, set_current_job
 from app.db.session import engine_for, session_scope
 from app.settings import Settings, SettingsError, get_settings
@@ -172,6 +175,34 @@ def test_postgres_unreachable_is_a_503_with_retry_after(
             assert response.json()["error"]["code"] == "unavailable"
     assert not any(r.exc_info for r in caplog.records)  # no traceback
     assert len([r for r in caplog.records if "database unreachable" in r.message]) == 1
+
+
+@pytest.mark.skipif(
+    os.environ.get("GPUFLEET_TEST_PGBOUNCER", "0") == "1",
+    reason="behind PgBouncer the pool holds connections to PgBouncer, not to a backend this "
+    "test could kill; PgBouncer replaces its own dead server connections",
+)
+def test_a_connection_that_died_in_use_is_a_503_then_replaced(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submit and the get send their statement through psycopg's cursor (app.db.driver):
+    a backend killed under a pooled connection in steady use (not pinged) is a 503 with
+    Retry-After, as through SQLAlchemy, and the next request gets a new connection."""
+    monkeypatch.setattr(db_session, "PING_IDLE_S", 3600.0)
+    job_id = client.post("/v1/jobs", json=JOB, headers=ALICE).json()["id"]
+    dsn = engine_for(settings.database_url).url.set(drivername="postgresql")
+    for method, path, ok in (("GET", f"/v1/jobs/{job_id}", 200), ("POST", "/v1/jobs", 201)):
+        assert client.request(method, path, json=JOB, headers=ALICE).status_code == ok
+        with psycopg.connect(dsn.render_as_string(False), autocommit=True) as other:
+            other.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        response = client.request(method, path, json=JOB, headers=ALICE)
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "5"
+        assert response.json()["error"]["code"] == "unavailable"
+        assert client.request(method, path, json=JOB, headers=ALICE).status_code == ok
 
 
 def _count_queries(settings: Settings) -> Iterator[list[str]]:

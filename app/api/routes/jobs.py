@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from app.api.deps import CallerDep, DispatcherDep, SessionDep, SettingsDep, known_query_only
@@ -38,7 +39,7 @@ from app.db.devices import list_devices
 from app.db.events import list_events
 from app.db.hosts import fitting_per_host
 from app.db.logs import LogChunk, read_log_page, read_logs
-from app.db.session import open_session, read_session, session_scope
+from app.db.session import autocommit_connection, session_scope
 from app.domain.gangs import gang_refusal
 from app.domain.routing import RoutingError, describe_types, device_fits
 from app.domain.spec import JobSpec, SpecPolicyError, check_policy
@@ -80,7 +81,7 @@ def _checked(spec: JobSpec, settings: Settings) -> str:
         raise ApiError(422, "invalid_request", str(exc)) from None
 
 
-def _gang_checked(session: Session, spec: JobSpec) -> None:
+def _gang_checked(session: Session | Connection, spec: JobSpec) -> None:
     """A job of several GPUs: refused when no host could hold it (or, today, at all)."""
     resources = spec.resources
     if resources.gpu_count == 1:
@@ -126,6 +127,19 @@ def _job(session: Session, scope: str | None, job_id: uuid.UUID, status: int = 2
     try:
         record = job_rows.get_job(
             session=session, tenant=scope, job_id=job_id, device_max_age=DEVICE_MAX_AGE_S
+        )
+    except job_rows.JobNotFound as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
+    return _json_bytes(job_json(record), status)
+
+
+def _read(
+    connection: Connection, scope: str | None, job_id: uuid.UUID, status: int = 200
+) -> Response:
+    """``_job`` on a connection, through psycopg's cursor (``app.db.driver``)."""
+    try:
+        record = job_rows.read_job(
+            connection=connection, tenant=scope, job_id=job_id, device_max_age=DEVICE_MAX_AGE_S
         )
     except job_rows.JobNotFound as exc:
         raise ApiError(404, "not_found", str(exc)) from None
@@ -178,21 +192,23 @@ def submit(
     _checked(spec, settings)
     if spec.snapshot is not None:
         require_snapshot(settings, caller.tenant, spec.snapshot)
-    with open_session(settings.database_url) as session:
-        _gang_checked(session, spec)
-        return _submit(session, spec, caller.tenant, idempotency_key, dispatcher)
+    # Autocommit: the job, its event and its counters are one statement, committed when it
+    # returns (before the dispatch and the answer), without BEGIN and COMMIT round trips.
+    with autocommit_connection(settings.database_url) as connection:
+        _gang_checked(connection, spec)
+        return _submit(connection, spec, caller.tenant, idempotency_key, dispatcher)
 
 
 def _submit(
-    session: Session,
+    connection: Connection,
     spec: JobSpec,
     tenant: str,
     idempotency_key: str | None,
     dispatcher: Dispatcher,
 ) -> Response:
     try:
-        submitted = job_rows.submit_job(
-            session=session,
+        submitted = job_rows.insert_job(
+            connection=connection,
             tenant=tenant,
             spec=spec,
             idempotency_key=idempotency_key,
@@ -200,9 +216,9 @@ def _submit(
         )
     except job_rows.IdempotencyConflict as exc:
         raise ApiError(409, "idempotency_conflict", str(exc)) from None
-    session.commit()  # dispatch only what is committed: the reaper is the outbox
+    # Committed by now: dispatch only what is committed (the reaper is the outbox).
     if submitted.record is None:  # an earlier job, from its Idempotency-Key
-        return _job(session, tenant, submitted.job_id, 200)
+        return _read(connection, tenant, submitted.job_id, 200)
     dispatcher.dispatch(job_id=submitted.job_id, queue=spec.queue, priority=spec.priority)
     return _json_bytes(job_json(submitted.record), 201)
 
@@ -305,9 +321,11 @@ def list_jobs(
         if not caller.admin:
             raise ApiError(403, "forbidden", "only admin tokens choose a tenant")
         scope = tenant
-    with open_session(settings.database_url) as session:
-        records, next_cursor = job_rows.list_jobs(
-            session=session,
+    # Autocommit: the page is one statement (the device table, when read, is a cached view
+    # anyway), without BEGIN and ROLLBACK round trips.
+    with autocommit_connection(settings.database_url) as connection:
+        records, next_cursor = job_rows.read_jobs(
+            connection=connection,
             tenant=scope,
             status=status,
             limit=limit,
@@ -330,12 +348,13 @@ def get_job(job_id: JobIdPath, request: Request, caller: CallerDep) -> Response:
     settings: Settings = request.app.state.settings
     # Autocommit: the job's one statement (two with a short id, which never changes) without
     # the BEGIN and ROLLBACK round trips around it.
-    with read_session(settings.database_url) as session:
+    with autocommit_connection(settings.database_url) as connection:
         try:
             parsed = uuid.UUID(job_id)  # a full id: one statement, scoped to the tenant
         except ValueError:
-            parsed = _resolve(session, caller.scope, job_id)
-        return _job(session, caller.scope, parsed)
+            with Session(bind=connection) as session:
+                parsed = _resolve(session, caller.scope, job_id)
+        return _read(connection, caller.scope, parsed)
 
 
 @router.post(
