@@ -123,20 +123,10 @@ def _json_bytes(body: bytes, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json")
 
 
-def _job(session: Session, scope: str | None, job_id: uuid.UUID, status: int = 200) -> Response:
-    try:
-        record = job_rows.get_job(
-            session=session, tenant=scope, job_id=job_id, device_max_age=DEVICE_MAX_AGE_S
-        )
-    except job_rows.JobNotFound as exc:
-        raise ApiError(404, "not_found", str(exc)) from None
-    return _json_bytes(job_json(record), status)
-
-
-def _read(
+def _job(
     connection: Connection, scope: str | None, job_id: uuid.UUID, status: int = 200
 ) -> Response:
-    """``_job`` on a connection, through psycopg's cursor (``app.db.driver``)."""
+    """The job as answered, its statement through psycopg's cursor (``app.db.driver``)."""
     try:
         record = job_rows.read_job(
             connection=connection, tenant=scope, job_id=job_id, device_max_age=DEVICE_MAX_AGE_S
@@ -218,7 +208,7 @@ def _submit(
         raise ApiError(409, "idempotency_conflict", str(exc)) from None
     # Committed by now: dispatch only what is committed (the reaper is the outbox).
     if submitted.record is None:  # an earlier job, from its Idempotency-Key
-        return _read(connection, tenant, submitted.job_id, 200)
+        return _job(connection, tenant, submitted.job_id, 200)
     dispatcher.dispatch(job_id=submitted.job_id, queue=spec.queue, priority=spec.priority)
     return _json_bytes(job_json(submitted.record), 201)
 
@@ -354,7 +344,7 @@ def get_job(job_id: JobIdPath, request: Request, caller: CallerDep) -> Response:
         except ValueError:
             with Session(bind=connection) as session:
                 parsed = _resolve(session, caller.scope, job_id)
-        return _read(connection, caller.scope, parsed)
+        return _job(connection, caller.scope, parsed)
 
 
 @router.post(
@@ -379,7 +369,7 @@ def cancel(
     session.commit()
     if status == JobStatus.RUNNING:
         dispatcher.publish_cancel(parsed)
-    return _job(session, caller.scope, parsed, 202)
+    return _job(session.connection(), caller.scope, parsed, 202)
 
 
 async def _in_thread(settings: Settings, work: Callable[[Session], T]) -> T:
