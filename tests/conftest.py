@@ -88,6 +88,7 @@ class _PrivateServers:
                     f"host={host} port={port} user=postgres dbname=postgres",
                     statement_timeout_s=defaults.db_statement_timeout,
                     lock_timeout_s=defaults.db_lock_timeout,
+                    idle_in_transaction_s=defaults.lease_ttl,
                 )
                 self._bouncer = EmbeddedPgBouncer(
                     self._data_dir() / "pgbouncer", pg_host=host, pg_port=port

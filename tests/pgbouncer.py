@@ -113,10 +113,21 @@ server_idle_timeout = 30
         return True
 
 
-def role_timeouts(admin_dsn: str, *, statement_timeout_s: float, lock_timeout_s: float) -> None:
+def role_timeouts(
+    admin_dsn: str,
+    *,
+    statement_timeout_s: float,
+    lock_timeout_s: float,
+    idle_in_transaction_s: float | None = None,
+) -> None:
     """Put gpufleet's default timeouts on the role, as behind PgBouncer in production."""
     import psycopg
 
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f"ALTER ROLE postgres SET statement_timeout = '{statement_timeout_s:g}s'")
         conn.execute(f"ALTER ROLE postgres SET lock_timeout = '{lock_timeout_s:g}s'")
+        if idle_in_transaction_s is not None:
+            conn.execute(
+                "ALTER ROLE postgres SET idle_in_transaction_session_timeout = "
+                f"'{idle_in_transaction_s:g}s'"
+            )

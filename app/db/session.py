@@ -63,7 +63,11 @@ def _connect_args(url: str) -> dict[str, Any]:
     """Fail fast on an unreachable server, and notice a dead peer through TCP keepalives,
     instead of waiting minutes for the kernel's defaults. Every connection gets the
     statement and lock timeouts of the settings, so a stuck statement or a lock held by a
-    dead transaction fails loudly instead of stalling a heartbeat; and psycopg never prepares
+    dead transaction fails loudly instead of stalling a heartbeat. A session idle inside a
+    transaction for longer than a lease lasts is ended by the server
+    (``idle_in_transaction_session_timeout`` = ``lease_ttl``): a worker frozen mid-transaction
+    (SIGSTOP, a hung host) would otherwise hold its lease's rows locked for ever, and the
+    reaper could never take the job back. psycopg never prepares
     statements on the server, which PgBouncer's transaction mode would hand to another client.
     """
     if not url.startswith("postgresql"):
@@ -79,7 +83,9 @@ def _connect_args(url: str) -> dict[str, Any]:
         "application_name": settings.db_application_name,
         "options": (
             f"-c statement_timeout={round(settings.db_statement_timeout * 1000)} "
-            f"-c lock_timeout={round(settings.db_lock_timeout * 1000)}"
+            f"-c lock_timeout={round(settings.db_lock_timeout * 1000)} "
+            "-c idle_in_transaction_session_timeout="
+            f"{round(settings.lease_ttl * 1000)}"
         ),
     }
 

@@ -20,6 +20,7 @@ def test_connections_have_the_timeouts_of_the_settings_and_never_prepare(
     with session_scope(settings.database_url) as s:
         statement = s.scalar(text("SELECT current_setting('statement_timeout')"))
         lock = s.scalar(text("SELECT current_setting('lock_timeout')"))
+        idle = s.scalar(text("SELECT current_setting('idle_in_transaction_session_timeout')"))
         for _ in range(10):  # more than psycopg's default prepare threshold (5)
             s.execute(text("SELECT 1 WHERE 1 = :one"), {"one": 1})
         prepared = s.scalar(text("SELECT count(*) FROM pg_prepared_statements"))
@@ -27,6 +28,8 @@ def test_connections_have_the_timeouts_of_the_settings_and_never_prepare(
     ms["lock"] = round(configured.db_lock_timeout * 1000)
     assert _ms(statement) == ms["statement"] and ms["statement"] > 0
     assert _ms(lock) == ms["lock"] and ms["lock"] > 0
+    # a session frozen inside a transaction lets its locks go once a lease would have expired
+    assert _ms(idle) == round(configured.lease_ttl * 1000) > 0
     assert prepared == 0
     raw = engine_for(settings.database_url).raw_connection()
     try:
