@@ -96,12 +96,21 @@ server_idle_timeout = 30
 """
 
     def pools(self) -> list[dict[str, object]]:
-        """``SHOW POOLS`` of the admin console (simple query protocol, as it requires)."""
+        """``SHOW POOLS`` of the admin console: the server connections per database."""
+        return self._show("POOLS")
+
+    def clients(self) -> list[dict[str, object]]:
+        """``SHOW CLIENTS``: the connections the code under test holds to PgBouncer (what
+        pg_stat_activity cannot tell behind it: a server connection serves many clients)."""
+        return self._show("CLIENTS")
+
+    def _show(self, what: str) -> list[dict[str, object]]:
+        """A ``SHOW`` of the admin console (simple query protocol, as it requires)."""
         import psycopg
 
         dsn = f"host={self.host} port={self.port} user=postgres dbname=pgbouncer"
         with psycopg.connect(dsn, autocommit=True, cursor_factory=psycopg.ClientCursor) as conn:
-            cur = conn.execute("SHOW POOLS")
+            cur = conn.execute(f"SHOW {what}")
             names = [c.name for c in cur.description or []]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
