@@ -53,9 +53,12 @@ def _held(db_url: str) -> int:
             if c["database"] == database and c.get("application_name") == "gpufleet-worker"
         )
     with session_scope(db_url) as session:
-        return session.execute(
-            text(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE application_name = 'gpufleet-worker' AND datname = current_database()"
+        return (
+            session.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE application_name = 'gpufleet-worker' AND datname = current_database()"
+                )
             )
-        ).scalar_one()
+            or 0
+        )
