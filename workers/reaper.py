@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app import health
 from app.db import counters, gangs, reaping
-from app.db.session import session_scope
+from app.db.session import session_scope, timed_out
 from app.domain.states import JobStatus
 from app.queue import Dispatcher
 from app.settings import Settings
@@ -65,6 +65,9 @@ class Reaper:
         try:
             self._reap(report)
         except SQLAlchemyError as exc:
+            if timed_out(exc):  # a row or statement held too long: not a lost database
+                log.warning("reaper pass cut short, the next one goes on: %s", exc)
+                return report
             if not self._db_lost:
                 log.error("reaper lost the database: %s", exc)
             self._db_lost = True

@@ -54,17 +54,21 @@ def reap_expired_leases(
     before it lost the database, and one ``lease_ttl`` after it got it back) died of the outage,
     not of its job: its job goes back without spending an attempt, up to the same cap as a
     worker's hand-backs (``leases.FREE_HANDBACKS``).
+
+    A lease whose job row is locked (its worker, frozen inside a transaction, still holds it
+    until the server ends that transaction: ``idle_in_transaction_session_timeout``) is left
+    for a later pass rather than waited on.
     """
     free_from, free_until = outage if outage is not None else (None, None)
     rows = session.execute(
         text(
             """
             WITH expired AS (
-                SELECT id FROM leases
-                 WHERE released_at IS NULL
-                   AND expires_at < now() - make_interval(secs => :grace)
-                 ORDER BY expires_at LIMIT :limit
-                 FOR UPDATE SKIP LOCKED),
+                SELECT l.id FROM leases l JOIN jobs j ON j.id = l.job_id
+                 WHERE l.released_at IS NULL
+                   AND l.expires_at < now() - make_interval(secs => :grace)
+                 ORDER BY l.expires_at LIMIT :limit
+                 FOR UPDATE OF l, j SKIP LOCKED),
             closed AS (
                 UPDATE leases l SET released_at = now(), outcome = 'expired'
                   FROM expired WHERE l.id = expired.id

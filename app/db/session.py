@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from psycopg import errors as pg_errors
 from sqlalchemy import Connection, Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -88,6 +89,13 @@ def _connect_args(url: str) -> dict[str, Any]:
             f"{round(settings.lease_ttl * 1000)}"
         ),
     }
+
+
+def timed_out(err: BaseException) -> bool:
+    """The server answered, but ended the statement: a lock wait past ``lock_timeout`` or a
+    statement past ``statement_timeout``. The database is there; a later try may pass."""
+    cause = getattr(err, "orig", err)
+    return isinstance(cause, (pg_errors.LockNotAvailable, pg_errors.QueryCanceled))
 
 
 def engine_for(url: str) -> Engine:

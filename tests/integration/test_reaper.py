@@ -5,15 +5,16 @@ from __future__ import annotations
 import time
 import uuid
 
+import pytest
 import redis
 from sqlalchemy import text
 
 from app.db import leases
 from app.db.jobs import submit_job
-from app.db.session import session_scope
+from app.db.session import engine_for, session_scope
 from app.domain.spec import JobSpec
 from app.queue import Dispatcher
-from app.settings import Settings
+from app.settings import Settings, get_settings
 from tests.conftest import with_port
 from workers.reaper import Reaper
 
@@ -64,6 +65,62 @@ def test_after_losing_the_database_it_reaps_nothing_for_one_lease_ttl(
     time.sleep(settings.lease_ttl)
     report = reaper.pass_once()
     assert not report.quiet and [r.job_id for r in report.reaped] == [job_id]
+
+
+def test_a_job_row_a_frozen_worker_holds_is_left_for_a_later_pass_not_waited_on(
+    settings: Settings,
+) -> None:
+    # Given two expired leases, the job row of one locked by a worker frozen inside a
+    # transaction (SIGSTOP mid-write)
+    held = _running_job_with_expired_lease(settings)
+    free = _running_job_with_expired_lease(settings)
+    reaper = Reaper(settings)
+    with engine_for(settings.database_url).connect() as frozen:
+        frozen.execute(text("SELECT 1 FROM jobs WHERE id = :j FOR UPDATE"), {"j": held})
+        # When the reaper passes
+        started = time.monotonic()
+        report = reaper.pass_once()
+        # Then it takes the other job back at once, without waiting on the lock (nor taking
+        # a lock timeout for a lost database), and leaves the held one running
+        assert [r.job_id for r in report.reaped] == [free]
+        assert time.monotonic() - started < settings.db_lock_timeout / 2
+        assert _status(settings, held) == "running"
+        frozen.rollback()
+    # And once the lock is gone (the server ends such a transaction after a lease_ttl), the
+    # next pass takes it back, with no post-outage quiet time
+    report = reaper.pass_once()
+    assert not report.quiet and [r.job_id for r in report.reaped] == [held]
+
+
+def test_a_lock_timeout_is_not_taken_for_a_lost_database(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a reaper whose statements wait on a lock for at most 0.2 s, and the leases table
+    # held by another transaction
+    job_id = _running_job_with_expired_lease(settings)
+    reaper = Reaper(
+        settings.model_copy(update={"database_url": _short_lock_wait(monkeypatch, settings)})
+    )
+    with engine_for(settings.database_url).connect() as other:
+        other.execute(text("LOCK TABLE leases IN ACCESS EXCLUSIVE MODE"))
+        # When its pass times out on that lock
+        reaper.pass_once()
+        other.rollback()
+    # Then the next pass reaps as usual: no quiet time as after a lost database
+    report = reaper.pass_once()
+    assert not report.quiet and [r.job_id for r in report.reaped] == [job_id]
+
+
+def _short_lock_wait(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> str:
+    """The same database under another URL (an engine of its own), whose connections wait
+    0.2 s on a lock (``GPUFLEET_DB_LOCK_TIMEOUT``, read when that engine is built)."""
+    monkeypatch.setenv("GPUFLEET_DB_LOCK_TIMEOUT", "0.2")
+    get_settings.cache_clear()
+    url = settings.database_url + "?target_session_attrs=any"
+    engine_for(url)
+    monkeypatch.delenv("GPUFLEET_DB_LOCK_TIMEOUT")
+    get_settings.cache_clear()
+    return url
 
 
 def _unreachable(settings: Settings) -> str:
