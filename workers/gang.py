@@ -8,7 +8,9 @@ dies with the supervisor) with torch.distributed's environment (:func:`rank_envi
 
 - **one failure stops all**: the first rank to exit with anything but success or a requested
   stop has every other rank's group killed at once (they would otherwise wait in an
-  all-reduce), and its exit code is the gang's;
+  all-reduce), and its exit code is the gang's. A rank that sent its result has finished,
+  whatever its exit code after that (a crash in torch.distributed's teardown at interpreter
+  exit is not a failed attempt);
 - **control**: rank 0's messages (progress, checkpoints, result) are relayed; of the other
   ranks only a failure is, and only the first failure of the gang, so the attempt ends with the
   class of the first failure;
@@ -21,6 +23,7 @@ the step to stop at (``workers.trainers.distributed.any_rank``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -37,6 +40,10 @@ MASTER_ADDR = "127.0.0.1"
 
 #: exit codes that do not stop the other ranks: they end the same way on their own.
 _PEACEFUL = frozenset({protocol.EXIT_OK, protocol.EXIT_STOPPED})
+#: how long a rank's exit waits for its control relay to read what it sent last.
+RELAY_DRAIN_S = 2.0
+
+log = logging.getLogger(__name__)
 
 
 def rank_environment(
@@ -106,6 +113,7 @@ class GangProcess:
         self._failed: int | None = None  #: the first rank to fail
         self._failure_sent = False
         self._codes: dict[int, int] = {}
+        self._finished: set[int] = set()  #: the ranks that sent their result
         control_read, self._control_w = os.pipe()
         output_read, self._output_w = os.pipe()
         self.control: BinaryIO = os.fdopen(control_read, "rb", buffering=0)
@@ -116,6 +124,8 @@ class GangProcess:
             for rank in range(len(ranks))
             for fn in (self._relay_control, self._relay_output, self._wait)
         ]
+        #: each rank's control relay, which has read all the rank said once it ends.
+        self._control_relays = [t for t in self._threads if t.name.startswith("gang_relay_control")]
         for thread in self._threads:
             thread.start()
 
@@ -199,7 +209,21 @@ class GangProcess:
 
     def _wait(self, rank: int) -> None:
         code = self.ranks[rank].proc.wait()
+        # What the rank sent before it exited decides how its exit is read: let its relay
+        # read to the end of its stream first (it ends with the rank and whatever it spawned).
+        self._control_relays[rank].join(timeout=RELAY_DRAIN_S)
         with self._lock:
+            if code not in _PEACEFUL and rank in self._finished:
+                # Its training ended and its result was sent; the process then died in its
+                # teardown (gloo's threads at interpreter exit: "terminate called without an
+                # active exception", SIGABRT). Nothing it did is lost: it finished.
+                log.warning(
+                    "gang rank %d exited with code %d after sending its result; counted as "
+                    "finished",
+                    rank,
+                    code,
+                )
+                code = protocol.EXIT_OK
             self._codes[rank] = code
             first = code not in _PEACEFUL and self._failed is None
             if first:
@@ -228,6 +252,9 @@ class GangProcess:
             msg = protocol.decode(line)
         except ValueError:
             return rank == 0  # the supervisor's relay says it is unreadable
+        if isinstance(msg, protocol.Result):
+            with self._lock:
+                self._finished.add(rank)
         if not isinstance(msg, protocol.Failure):
             return rank == 0
         with self._lock:

@@ -6,8 +6,9 @@ The table, in order (the first row that matches decides):
 the run                               the decision
 ====================================  ==========================================================
 stopped: lease lost                   ``Abandon``: write nothing, the job belongs to another
-exited 0 with a result                ``Succeed`` (a result beats a cancel or a drain: the work
-                                      is done)
+a result sent                         ``Succeed`` (a result beats a cancel or a drain: the work
+                                      is done; so does a crash after it was sent, in the
+                                      process's teardown: NCCL's or gloo's threads at exit)
 stopped: device lost                  ``Requeue`` due now, counted (an infrastructure try)
 stopped: database unreachable         ``Requeue`` due now, not counted (not the job's fault)
 stopped: cancelled                    ``Cancel``
@@ -106,7 +107,7 @@ def decide(run: RunFacts) -> Decision:
     message = run.failure_message or f"trainer exited with code {code}"
     if stop is StopReason.LEASE_LOST:
         return Abandon("the lease is gone: another worker or the reaper owns the job")
-    if code == EXIT_OK and run.has_result:
+    if run.has_result:
         return Succeed()
     if stop is StopReason.DEVICE_LOST:
         return Requeue(

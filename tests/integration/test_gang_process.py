@@ -5,6 +5,7 @@ trainer's codes), so that each test takes a second."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ from workers.trainer_process import TrainerProcess
 from workers.trainers import protocol
 
 #: a rank that writes ``MESSAGES[rank]`` to its control pipe, a line of output, sleeps
-#: ``SLEEP[rank]`` seconds, then exits with ``CODES[rank]``.
+#: ``SLEEP[rank]`` seconds, then exits with ``CODES[rank]`` (a negative one: killed by that
+#: signal, as a crash would).
 RANK_PROGRAM = """
 import os, sys, time
 from workers.trainers import protocol
@@ -24,7 +26,10 @@ for line in {messages!r}[rank]:
     os.write(fd, line.encode() + b"\\n")
 print(f"hello from {{rank}} of {{os.environ['WORLD_SIZE']}}", flush=True)
 time.sleep({sleeps!r}[rank])
-sys.exit({codes!r}[rank])
+code = {codes!r}[rank]
+if code < 0:
+    os.kill(os.getpid(), -code)
+sys.exit(code)
 """
 
 
@@ -111,6 +116,38 @@ def test_ranks_that_all_finish_end_with_rank_0s_code_and_messages(tmp_path: Path
     # Only rank 0's messages: one progress and one result, not two of each
     kinds = [type(protocol.decode(line)).__name__ for line in control.splitlines()]
     assert kinds == ["Progress", "Result"]
+
+
+def test_a_rank_that_crashes_in_teardown_after_its_result_has_finished(tmp_path: Path) -> None:
+    # Given rank 1 sends its result, then dies of SIGABRT at exit (gloo's threads at interpreter
+    # exit: "terminate called without an active exception"), while rank 0 still writes its
+    # model (1.5 s) before its result
+    result = protocol.encode(
+        protocol.Result(final_loss=0.5, model_path="/m", weights_sha256="ab")
+    ).decode()
+    gang = _gang(
+        messages=[[result.strip()], [result.strip()]],
+        sleeps=[1.5, 0.0],
+        codes=[0, -signal.SIGABRT],
+        tmp_path=tmp_path,
+    )
+    started = time.monotonic()
+    code, control, _ = _drain(gang)
+    # Then rank 0 was not killed: it ran to its end, and the gang ends with its result
+    assert code == 0
+    assert gang.ranks[0].poll() == 0 and gang.ranks[1].poll() == -signal.SIGABRT
+    assert time.monotonic() - started >= 1.0
+    assert [type(protocol.decode(line)).__name__ for line in control.splitlines()] == ["Result"]
+
+
+def test_a_rank_that_crashes_before_its_result_stops_the_gang(tmp_path: Path) -> None:
+    # Given rank 1 dies of SIGABRT before it sent a result, while rank 0 would run for a minute
+    gang = _gang(messages=[[], []], sleeps=[60, 0.0], codes=[0, -signal.SIGABRT], tmp_path=tmp_path)
+    started = time.monotonic()
+    code, _, _ = _drain(gang)
+    # Then the gang ends at once with the crash
+    assert code == -signal.SIGABRT
+    assert time.monotonic() - started < 20
 
 
 def test_a_stopped_rank_waits_for_the_others_to_finish_their_checkpoint(tmp_path: Path) -> None:

@@ -54,15 +54,11 @@ def host(settings: Settings) -> Settings:
             assert device_rows.claim_device(
                 session=s, uuids=[who.device_uuid], worker=who.worker, ttl=600
             )
-    # A lease of 10 s: its watchdog (lease_ttl - 2 heartbeats) stops a gang whose renewal a
-    # loaded CI machine delays by 2 s, which these tests, not about leases, would read as a
-    # failed run.
     return settings.model_copy(
         update={
             "hostname": HOST,
             "fault_injection": True,
             "entrypoint_allow": "tests.custom_trainers",
-            "lease_ttl": 10,
         }
     )
 
@@ -80,6 +76,13 @@ def _log(settings: Settings, job_id: Any) -> str:
                 text("SELECT chunk FROM job_logs WHERE job_id = :j ORDER BY id"), {"j": job_id}
             ).all()
         )
+
+
+def _why(settings: Settings, job_id: Any) -> str:
+    """What a run that ended otherwise than expected left: the job's error, events and log."""
+    return (
+        f"{view(settings, job_id)['error']}\n{events(settings, job_id)}\n{_log(settings, job_id)}"
+    )
 
 
 def test_oom_halves_every_ranks_micro_batch_together(host: Settings) -> None:
@@ -162,12 +165,15 @@ def test_a_command_gang_trains_like_one_process_and_resumes_bit_for_bit(host: Se
     )
     interrupted = submit(host, broken)
     # When the leader runs them (the broken one twice: it is retried)
-    for job_id in (one, two):
-        assert Supervisor(host, LEADER).run(job_id) == Outcome.SUCCEEDED
-    assert Supervisor(host, LEADER).run(interrupted) == Outcome.REQUEUED
+    for job_id, outcome in (
+        (one, Outcome.SUCCEEDED),
+        (two, Outcome.SUCCEEDED),
+        (interrupted, Outcome.REQUEUED),
+    ):
+        assert Supervisor(host, LEADER).run(job_id) == outcome, _why(host, job_id)
     make_due(host, interrupted)
     outcome = Supervisor(host, LEADER).run(interrupted)
-    assert outcome == Outcome.SUCCEEDED, (view(host, interrupted), _log(host, interrupted))
+    assert outcome == Outcome.SUCCEEDED, _why(host, interrupted)
     # Then two ranks ran (each its shard) and trained what one process trains, within float
     # summation order; rank 0 alone recorded checkpoints (one row per step)
     log = _log(host, two)

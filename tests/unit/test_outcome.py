@@ -38,6 +38,7 @@ CASES: list[tuple[str, o.RunFacts, type, dict[str, object]]] = [
     ("a result beats a cancel", facts(R.CANCELLED, o.EXIT_OK, result=True), o.Succeed, {}),
     ("a result beats a drain", facts(R.DRAINING, o.EXIT_OK, result=True), o.Succeed, {}),
     ("exit 0 without a result", facts(None, o.EXIT_OK), o.Requeue, {"counted": True}),
+    ("a crash in teardown after the result", facts(None, -6, result=True), o.Succeed, {}),
     (
         "device lost",
         facts(R.DEVICE_LOST, -9),
