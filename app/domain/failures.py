@@ -144,6 +144,14 @@ PATTERNS: tuple[Pattern, ...] = (
         suspect=True,
         text=r"NCCL error|ncclSystemError|ncclUnhandledCudaError|ncclInternalError",
     ),
+    # -- the gang's rendezvous --------------------------------------------------------------
+    _row(
+        "infra",
+        "torch.distributed could not meet on the gang's port (taken by another process between "
+        "its choice and rank 0's bind): the next attempt meets on another",
+        types=("DistNetworkError",),
+        text=r"DistNetworkError|EADDRINUSE|address already in use",
+    ),
     # -- declared by the trainer or the OS ----------------------------------------------------
     _row(
         "infra",

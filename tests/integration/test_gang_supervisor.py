@@ -6,6 +6,7 @@ the gang."""
 from __future__ import annotations
 
 import dataclasses
+import socket
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ from tests.integration.test_supervisor import (
     submit,
     view,
 )
+from workers import gang
 from workers.gang_lease import sit_out
 from workers.identity import WorkerIdentity
 from workers.supervisor import Outcome, Supervisor
@@ -147,6 +149,28 @@ def test_a_members_lost_worker_fences_the_gang(host: Settings) -> None:
     sitter.join(timeout=10)
     assert sat == [True]
     assert _gang_rows(host) == {d: (None, None) for d in DEVICES}
+
+
+def test_a_gang_whose_rendezvous_port_was_taken_is_retried_not_failed(
+    host: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the port chosen for a gang's rendezvous, taken by another process before rank 0
+    # could bind it
+    job_id = submit(host, spec(resources={"gpu_count": 2}))
+    with socket.socket() as taken:
+        taken.bind((gang.MASTER_ADDR, 0))
+        taken.listen()
+        monkeypatch.setattr(gang, "free_port", lambda: taken.getsockname()[1])
+        # When the leader runs the gang
+        outcome = Supervisor(host, LEADER).run(job_id)
+    # Then the attempt ends as infrastructure's failure (retried), not as the user's
+    assert outcome == Outcome.REQUEUED, _why(host, job_id)
+    error = view(host, job_id)["error"]
+    assert error["kind"] == "infra" and "EADDRINUSE" in error["message"], error
+    # And the next attempt, on a free port, trains to the end
+    monkeypatch.undo()
+    make_due(host, job_id)
+    assert Supervisor(host, LEADER).run(job_id) == Outcome.SUCCEEDED, _why(host, job_id)
 
 
 def test_a_command_gang_trains_like_one_process_and_resumes_bit_for_bit(host: Settings) -> None:

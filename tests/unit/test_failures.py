@@ -235,6 +235,24 @@ EXAMPLES: list[tuple[str, tuple[str, ...], str, str, str, bool]] = [
         False,
     ),
     ("segfault", (), "", "Segmentation fault (core dumped)", "user_error", False),
+    (
+        "rendezvous-port-taken",
+        ("DistNetworkError", "DistError", "RuntimeError", "Exception", "BaseException", "object"),
+        "The server socket has failed to listen on any local network address. port: 29500, "
+        "useIpv6: false, code: -98, name: EADDRINUSE, message: address already in use",
+        "",
+        "infra",
+        False,
+    ),
+    (
+        "rendezvous-port-taken-in-a-commands-stderr",
+        (),
+        "",
+        "torch.distributed.DistNetworkError: The server socket has failed to listen on any "
+        "local network address. port: 29500, useIpv6: false, code: -98, name: EADDRINUSE",
+        "infra",
+        False,
+    ),
 ]
 
 
