@@ -876,12 +876,7 @@ def start_bouncer(args: argparse.Namespace, address: str, *, own: bool) -> Any:
 
     host, _, port = address.rpartition(":")
     if own:
-        s = get_settings()
-        role_timeouts(
-            admin_dsn(address),
-            statement_timeout_s=s.db_statement_timeout,
-            lock_timeout_s=s.db_lock_timeout,
-        )
+        role_timeouts(admin_dsn(address), get_settings())
     bouncer = EmbeddedPgBouncer(
         Path(tempfile.mkdtemp(prefix="fleet-scale-pgbouncer-")),
         pg_host=host,

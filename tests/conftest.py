@@ -74,7 +74,6 @@ class _PrivateServers:
         if self._app_address is None:
             host, port = self.pg_address()
             if os.environ.get("GPUFLEET_TEST_PGBOUNCER", "0") == "1":
-                from app.settings import Settings
                 from tests.pgbouncer import EmbeddedPgBouncer, role_timeouts
 
                 if os.environ.get("GPUFLEET_TEST_PG"):
@@ -83,13 +82,7 @@ class _PrivateServers:
                         "GPUFLEET_TEST_PGBOUNCER=1 needs the suite's own PostgreSQL: "
                         "unset GPUFLEET_TEST_PG"
                     )
-                defaults = Settings()
-                role_timeouts(
-                    f"host={host} port={port} user=postgres dbname=postgres",
-                    statement_timeout_s=defaults.db_statement_timeout,
-                    lock_timeout_s=defaults.db_lock_timeout,
-                    idle_in_transaction_s=defaults.lease_ttl,
-                )
+                role_timeouts(f"host={host} port={port} user=postgres dbname=postgres", Settings())
                 self._bouncer = EmbeddedPgBouncer(
                     self._data_dir() / "pgbouncer", pg_host=host, pg_port=port
                 ).start()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.embedded import EmbeddedError, _let_traverse, _postgres_user, _Server
+from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 UNPACKED = ROOT / "var" / "pgbouncer"
@@ -122,21 +123,17 @@ server_idle_timeout = 30
         return True
 
 
-def role_timeouts(
-    admin_dsn: str,
-    *,
-    statement_timeout_s: float,
-    lock_timeout_s: float,
-    idle_in_transaction_s: float | None = None,
-) -> None:
-    """Put gpufleet's default timeouts on the role, as behind PgBouncer in production."""
+def role_timeouts(admin_dsn: str, settings: Settings) -> None:
+    """Put gpufleet's connection timeouts (``app.db.session._connect_args``: statement, lock,
+    idle in transaction = the lease TTL) on the role, as behind PgBouncer in production, where
+    the startup options that carry them are dropped."""
     import psycopg
 
+    timeouts = {
+        "statement_timeout": settings.db_statement_timeout,
+        "lock_timeout": settings.db_lock_timeout,
+        "idle_in_transaction_session_timeout": settings.lease_ttl,
+    }
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f"ALTER ROLE postgres SET statement_timeout = '{statement_timeout_s:g}s'")
-        conn.execute(f"ALTER ROLE postgres SET lock_timeout = '{lock_timeout_s:g}s'")
-        if idle_in_transaction_s is not None:
-            conn.execute(
-                "ALTER ROLE postgres SET idle_in_transaction_session_timeout = "
-                f"'{idle_in_transaction_s:g}s'"
-            )
+        for name, seconds in timeouts.items():
+            conn.execute(f"ALTER ROLE postgres SET {name} = '{seconds:g}s'")
